@@ -1,0 +1,95 @@
+import pytest
+
+from tp_passes import TPConfig
+
+
+def test_defaults_are_auto_and_off():
+    c = TPConfig()
+    assert (c.oproj_tp, c.lmhead_tp, c.embedding_tp, c.mlp_tp, c.flashcomm2) == (0, 0, 0, 0, 0)
+    assert c.sequence_parallel == "auto" and c.fuse_mm_reduce_scatter == "auto"
+    assert c.inner == "inductor" and not c.release_weights and not c.strict
+    assert c.module_tp_sizes() == {}
+
+
+def test_from_dict_fields_and_vllm_ascend_keys():
+    c = TPConfig.from_dict(
+        {
+            "oproj_tensor_parallel_size": 2,
+            "lmhead_tensor_parallel_size": 4,
+            "embedding_tensor_parallel_size": 8,
+            "mlp_tensor_parallel_size": 2,
+            "inner": "eager",
+        }
+    )
+    assert (c.oproj_tp, c.lmhead_tp, c.embedding_tp, c.mlp_tp) == (2, 4, 8, 2)
+    assert c.module_tp_sizes() == {"otp": 2, "lmheadtp": 4, "embedtp": 8, "mlptp": 2}
+    fc2 = TPConfig.from_dict({"flashcomm2_oproj_tensor_parallel_size": 2})
+    assert fc2.flashcomm2 == 2
+
+
+def test_nested_finegrained_tp_config():
+    c = TPConfig.from_dict(
+        {"finegrained_tp_config": {"lmhead_tensor_parallel_size": 2}, "strict": True}
+    )
+    assert c.lmhead_tp == 2 and c.strict
+
+
+def test_from_env_parses_strings():
+    env = {
+        "TP_PASSES_OPROJ_TP": "2",
+        "TP_PASSES_SEQUENCE_PARALLEL": "0",
+        "TP_PASSES_FUSE_MM_REDUCE_SCATTER": "auto",
+        "TP_PASSES_DUMP": "1",
+        "TP_PASSES_DUMP_DIR": "/tmp/x",
+        "PATH": "/bin",
+    }
+    c = TPConfig.from_env(env)
+    assert c.oproj_tp == 2 and c.sequence_parallel is False
+    assert c.fuse_mm_reduce_scatter == "auto" and c.dump is True and c.dump_dir == "/tmp/x"
+
+
+def test_resolve_options_over_env_over_defaults():
+    env = {"TP_PASSES_OPROJ_TP": "2", "TP_PASSES_LMHEAD_TP": "4"}
+    c = TPConfig.resolve({"oproj_tp": 8}, env)
+    assert c.oproj_tp == 8 and c.lmhead_tp == 4 and c.mlp_tp == 0
+
+
+@pytest.mark.parametrize(
+    "d, key",
+    [
+        ({"oproj_tpp": 2}, "oproj_tpp"),
+        ({"oproj_tp": "two"}, "oproj_tp"),
+        ({"oproj_tp": 2.0}, "oproj_tp"),
+        ({"oproj_tp": True}, "oproj_tp"),
+        ({"lmhead_tp": -2}, "lmhead_tp"),
+        ({"embedding_tensor_parallel_size": -1}, "embedding_tp"),
+        ({"mlp_tp": -4}, "mlp_tp"),
+        ({"flashcomm2": -1}, "flashcomm2"),
+        ({"sequence_parallel": "maybe"}, "sequence_parallel"),
+        ({"fuse_mm_reduce_scatter": 3}, "fuse_mm_reduce_scatter"),
+        ({"inner": "tvm"}, "inner"),
+        ({"release_weights": "sometimes"}, "release_weights"),
+        ({"strict": 1}, "strict"),
+        ({"finegrained_tp_config": 3}, "finegrained_tp_config"),
+        ({"finegrained_tp_config": {"bogus_size": 1}}, "bogus_size"),
+    ],
+)
+def test_invalid_values_name_the_key(d, key):
+    with pytest.raises(ValueError, match=key):
+        TPConfig.from_dict(d)
+
+
+def test_flashcomm2_with_oproj_tp_rejected():
+    with pytest.raises(ValueError, match="flashcomm2=2 and oproj_tp=2"):
+        TPConfig(oproj_tp=2, flashcomm2=2)
+    with pytest.raises(ValueError, match="flashcomm2"):
+        TPConfig.from_dict(
+            {"oproj_tensor_parallel_size": 2, "flashcomm2_oproj_tensor_parallel_size": 1}
+        )
+
+
+def test_unknown_env_var_named():
+    with pytest.raises(ValueError, match="TP_PASSES_OPROJTP"):
+        TPConfig.from_env({"TP_PASSES_OPROJTP": "2"})
+    with pytest.raises(ValueError, match="TP_PASSES_MLP_TP"):
+        TPConfig.from_env({"TP_PASSES_MLP_TP": "-1"})

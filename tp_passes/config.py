@@ -1,0 +1,198 @@
+"""`TPConfig`: what to rewrite, built from torch.compile options, env vars or a dict.
+
+Every source goes through one parser (`_parse_value`), so a value means the same thing
+whether it comes from `options={"oproj_tp": 2}`, `TP_PASSES_OPROJ_TP=2` or vllm-ascend's
+`finegrained_tp_config`. Bad input raises `ValueError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union
+
+Auto = Literal["auto"]
+BoolOrAuto = Union[bool, Auto]
+
+ENV_PREFIX = "TP_PASSES_"
+INNER_COMPILERS = ("inductor", "eager", "torchair")
+
+# vllm-ascend spellings -> our field names, so `finegrained_tp_config` moves over unchanged.
+VLLM_ASCEND_ALIASES = {
+    "oproj_tensor_parallel_size": "oproj_tp",
+    "lmhead_tensor_parallel_size": "lmhead_tp",
+    "embedding_tensor_parallel_size": "embedding_tp",
+    "mlp_tensor_parallel_size": "mlp_tp",
+    "flashcomm2_oproj_tensor_parallel_size": "flashcomm2",
+}
+
+_SIZE_FIELDS = ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp", "flashcomm2")
+_AUTO_FIELDS = ("sequence_parallel", "fuse_mm_reduce_scatter")
+_BOOL_FIELDS = ("release_weights", "strict", "dump")
+_STR_FIELDS = ("inner", "dump_dir")
+
+
+@dataclass(frozen=True)
+class TPConfig:
+    """Which tensor-parallel rewrites run, and how the result is compiled.
+
+    Module TP sizes (`oproj_tp`, `lmhead_tp`, `embedding_tp`, `mlp_tp`) are the number of
+    data-parallel ranks a module's weight is sharded over; 0 turns the rewrite off.
+    `flashcomm2` is the o_proj TP size inside FlashComm2 (vllm-ascend's
+    `flashcomm2_oproj_tensor_parallel_size`); 0 turns it off.
+    """
+
+    oproj_tp: int = 0
+    lmhead_tp: int = 0
+    embedding_tp: int = 0
+    mlp_tp: int = 0
+    flashcomm2: int = 0
+    sequence_parallel: BoolOrAuto = "auto"
+    fuse_mm_reduce_scatter: BoolOrAuto = "auto"
+    inner: str = "inductor"
+    release_weights: bool = False
+    strict: bool = False
+    dump: bool = False
+    dump_dir: str = "./tp_passes_dump"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        if self.flashcomm2 and self.oproj_tp:
+            raise ValueError(
+                f"TPConfig: flashcomm2={self.flashcomm2} and oproj_tp={self.oproj_tp} both "
+                "rewrite o_proj; enable at most one of them"
+            )
+
+    # -- constructors -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, base: TPConfig | None = None) -> TPConfig:
+        """Overlay `d` on `base` (defaults if None).
+
+        Accepts our field names, vllm-ascend's `finegrained_tp_config` keys, and a nested
+        `finegrained_tp_config` dict. String values are parsed as env values are.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"TPConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        updates: dict[str, Any] = {}
+        for key, value in d.items():
+            if key == "finegrained_tp_config":
+                if not isinstance(value, Mapping):
+                    raise ValueError(
+                        f"TPConfig: 'finegrained_tp_config' must be a mapping, got {value!r}"
+                    )
+                nested = cls.from_dict(value, base=cls())
+                updates.update(_non_default(nested))
+                continue
+            name = VLLM_ASCEND_ALIASES.get(key, key)
+            if name not in _FIELD_NAMES:
+                raise ValueError(
+                    f"TPConfig: unknown key {key!r}; known keys: {', '.join(sorted(_FIELD_NAMES))}"
+                )
+            updates[name] = _parse_value(key, name, value)
+        return dataclasses.replace(base or cls(), **updates)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, base: TPConfig | None = None
+    ) -> TPConfig:
+        """Read `TP_PASSES_<FIELD>` variables (e.g. `TP_PASSES_OPROJ_TP=2`)."""
+        environ = os.environ if environ is None else environ
+        d: dict[str, str] = {}
+        for var, value in environ.items():
+            if not var.startswith(ENV_PREFIX):
+                continue
+            name = var[len(ENV_PREFIX) :].lower()
+            if name not in _FIELD_NAMES:
+                raise ValueError(
+                    f"TPConfig: unknown environment variable {var}={value!r}; known: "
+                    + ", ".join(ENV_PREFIX + n.upper() for n in sorted(_FIELD_NAMES))
+                )
+            try:
+                cls.from_dict({name: value})
+            except ValueError as e:
+                raise ValueError(f"TPConfig: environment variable {var}={value!r}: {e}") from None
+            d[name] = value
+        return cls.from_dict(d, base=base)
+
+    @classmethod
+    def resolve(
+        cls, options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> TPConfig:
+        """The backend's order: `options` over `TP_PASSES_*` env vars over defaults."""
+        return cls.from_dict(options or {}, base=cls.from_env(environ))
+
+    # -- derived ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def module_tp_sizes(self) -> dict[str, int]:
+        """Enabled module TP rewrites: registry group name -> k."""
+        named = {
+            "otp": self.oproj_tp,
+            "lmheadtp": self.lmhead_tp,
+            "embedtp": self.embedding_tp,
+            "mlptp": self.mlp_tp,
+        }
+        return {name: k for name, k in named.items() if k > 0}
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(TPConfig))
+
+
+def _non_default(cfg: TPConfig) -> dict[str, Any]:
+    default = TPConfig()
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in fields(cfg)
+        if getattr(cfg, f.name) != getattr(default, f.name)
+    }
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse_value(key: str, name: str, value: Any) -> Any:
+    """Convert a string (env var, CLI) to the field's type; leave typed values alone."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if name in _SIZE_FIELDS:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"TPConfig: {key} must be an integer, got {value!r}") from None
+    if name in _AUTO_FIELDS or name in _BOOL_FIELDS:
+        if name in _AUTO_FIELDS and text == "auto":
+            return "auto"
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        allowed = "true/false" + ("/auto" if name in _AUTO_FIELDS else "")
+        raise ValueError(f"TPConfig: {key} must be {allowed}, got {value!r}")
+    return value
+
+
+def _check_type(name: str, value: Any) -> None:
+    if name in _SIZE_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"TPConfig: {name} must be an int, got {value!r}")
+        if value < 0:
+            raise ValueError(f"TPConfig: {name} must be >= 0 (0 = off), got {value}")
+    elif name in _AUTO_FIELDS:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"TPConfig: {name} must be True, False or 'auto', got {value!r}")
+    elif name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise ValueError(f"TPConfig: {name} must be a bool, got {value!r}")
+    elif name in _STR_FIELDS:
+        if not isinstance(value, str):
+            raise ValueError(f"TPConfig: {name} must be a string, got {value!r}")
+        if name == "inner" and value not in INNER_COMPILERS:
+            raise ValueError(
+                f"TPConfig: inner must be one of {', '.join(INNER_COMPILERS)}, got {value!r}"
+            )

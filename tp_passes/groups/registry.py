@@ -1,0 +1,224 @@
+"""Process-group creation: turn a `RankLayout` + `TPConfig` into named groups.
+
+Creation is collective: every rank calls `new_group` for every rank list, in the same
+order, or the ranks that skipped one deadlock the rest. So the plan of what to create is
+computed from (config, layout) alone, checked equal on every rank first, and then
+executed in one deterministic loop. A rank list already created is reused, so groups of
+equal ranks exist once whatever names point at them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tp_passes.config import TPConfig
+from tp_passes.groups.layout import Groups, RankLayout
+
+
+@dataclass(frozen=True)
+class NamedGroup:
+    """One named group as this rank sees it."""
+
+    name: str
+    ranks: tuple[int, ...]  # the ranks of this rank's group
+    pg: Any  # torch ProcessGroup (vLLM: the coordinator's device group)
+    coordinator: Any = None  # vLLM GroupCoordinator when created inside vLLM
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def group_name(self) -> str:
+        """The name functional collectives take (`torch.distributed` group_name)."""
+        return self.pg.group_name
+
+
+def required_groups(config: TPConfig, layout: RankLayout) -> dict[str, Groups]:
+    """Name -> rank lists of every group `config` needs, in creation order."""
+    plan: dict[str, Groups] = {
+        "world": layout.world_groups(),
+        "tp": layout.tp_groups(),
+        "dp": layout.dp_groups(),
+        "pp": layout.pp_groups(),
+    }
+    for name, k in config.module_tp_sizes().items():
+        plan[name] = layout.module_tp_groups(k)
+    if config.flashcomm2:
+        plan["fc2_otp"], plan["fc2_odp"] = layout.flashcomm2_groups(config.flashcomm2)
+    return plan
+
+
+def default_backend() -> str:
+    """hccl on Ascend, nccl on CUDA, gloo otherwise."""
+    if hasattr(torch, "npu") and torch.npu.is_available():  # type: ignore[attr-defined]
+        return "hccl"
+    if torch.cuda.is_available():
+        return "nccl"
+    return "gloo"
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_on_all_ranks(value: Any, what: str, group: Any = None) -> None:
+    """Raise on every rank if `value` differs across `group` (one small all_gather)."""
+    digest = _fingerprint(value)
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (dist.get_rank(), digest), group=group)
+    if len({d for _, d in gathered}) > 1:
+        by_digest: dict[str, list[int]] = {}
+        for rank, d in gathered:
+            by_digest.setdefault(d[:8], []).append(rank)
+        raise RuntimeError(
+            f"tp_passes: {what} differs across ranks (ranks by fingerprint: {by_digest}); "
+            "every rank must pass the same value or collectives would hang"
+        )
+
+
+@dataclass
+class GroupRegistry:
+    config: TPConfig
+    layout: RankLayout
+    backend: str
+    groups: dict[str, NamedGroup] = field(default_factory=dict)
+    _created: dict[tuple[int, ...], Any] = field(default_factory=dict)
+
+    def get(self, name: str) -> NamedGroup:
+        try:
+            return self.groups[name]
+        except KeyError:
+            raise KeyError(
+                f"tp_passes: no group named {name!r}; initialized: {sorted(self.groups)}"
+            ) from None
+
+
+_REGISTRY: GroupRegistry | None = None
+
+
+def _vllm_parallel_state() -> Any:
+    """vLLM's parallel_state module when its model-parallel groups exist, else None."""
+    try:
+        from vllm.distributed import parallel_state as ps
+    except Exception:
+        return None
+    return ps if ps.model_parallel_is_initialized() else None
+
+
+def init_groups(
+    config: TPConfig, layout: RankLayout, *, backend: str | None = None
+) -> GroupRegistry:
+    """Create every group `config` needs on `layout`. Collective over the world group.
+
+    Idempotent: a second call with the same layout creates only groups not yet present.
+    """
+    global _REGISTRY
+    if not dist.is_initialized():
+        raise RuntimeError("tp_passes.init_groups: torch.distributed is not initialized")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != layout.world_size:
+        raise ValueError(
+            f"tp_passes.init_groups: layout.world_size={layout.world_size} but "
+            f"torch.distributed world size is {world} (rank {rank})"
+        )
+    plan = required_groups(config, layout)  # validates sizes before any collective
+    check_same_on_all_ranks(
+        {"layout": repr(layout), "plan": plan}, "init_groups(config, layout)"
+    )
+    if _REGISTRY is not None and _REGISTRY.layout != layout:
+        raise ValueError(
+            f"tp_passes.init_groups: groups already exist for {_REGISTRY.layout}; call "
+            f"destroy_groups() before initializing {layout}"
+        )
+    if _REGISTRY is None:
+        _REGISTRY = GroupRegistry(config, layout, backend or _world_backend())
+    reg = _REGISTRY
+    reg.config = config
+    ps = _vllm_parallel_state()
+    for name, rank_lists in plan.items():
+        if name in reg.groups:
+            continue
+        # torch orders a group's members by global rank, whatever order we list them in
+        mine = tuple(sorted(RankLayout.group_of(rank, rank_lists)))
+        if ps is not None:
+            reg.groups[name] = _vllm_group(ps, name, rank_lists, mine, reg.backend)
+            continue
+        for ranks in rank_lists:  # same order on every rank
+            key = tuple(sorted(ranks))
+            if key in reg._created:
+                continue
+            if len(key) == world:
+                reg._created[key] = dist.group.WORLD
+            else:
+                pg = dist.new_group(list(key), backend=reg.backend)
+                reg._created[key] = pg if rank in key else None
+        reg.groups[name] = NamedGroup(name, mine, reg._created[mine])
+    return reg
+
+
+def _world_backend() -> str:
+    """The device's backend, unless the world group cannot carry it (gloo-only world)."""
+    want = default_backend()
+    world = str(dist.get_backend())
+    return want if want in world else world.split(":")[-1].split(",")[0]
+
+
+def _vllm_group(ps: Any, name: str, rank_lists: Groups, mine: tuple[int, ...], backend: str):
+    """Inside vLLM: reuse its TP/DP/PP/world coordinators, create the rest through it."""
+    existing = {"world": ps.get_world_group, "tp": ps.get_tp_group, "dp": ps.get_dp_group,
+                "pp": ps.get_pp_group}
+    if name in existing:
+        coord = existing[name]()
+        if tuple(coord.ranks) != mine:
+            raise ValueError(
+                f"tp_passes: vLLM's {name} group is {coord.ranks} but the layout gives {list(mine)}"
+            )
+    else:
+        coord = ps.init_model_parallel_group(
+            rank_lists, ps.get_world_group().local_rank, backend, group_name=f"tp_passes_{name}"
+        )
+    return NamedGroup(name, mine, coord.device_group, coordinator=coord)
+
+
+def get_registry() -> GroupRegistry:
+    if _REGISTRY is None:
+        raise RuntimeError("tp_passes: groups are not initialized; call tp_passes.init_groups")
+    return _REGISTRY
+
+
+def registry_or_none() -> GroupRegistry | None:
+    return _REGISTRY
+
+
+def get_group(name: str) -> Any:
+    """The torch ProcessGroup registered as `name` ('tp', 'otp', 'fc2_odp', ...)."""
+    return get_registry().get(name).pg
+
+
+def get_group_info(name: str) -> NamedGroup:
+    return get_registry().get(name)
+
+
+def destroy_groups() -> None:
+    """Destroy every group `init_groups` created (not vLLM's own TP/DP/PP groups)."""
+    global _REGISTRY
+    reg, _REGISTRY = _REGISTRY, None
+    if reg is None:
+        return
+    coordinators = {id(g.coordinator): g for g in reg.groups.values() if g.coordinator}
+    for name, g in reg.groups.items():
+        if g.coordinator is not None and name not in ("world", "tp", "dp", "pp"):
+            if id(g.coordinator) in coordinators:
+                coordinators.pop(id(g.coordinator))
+                g.coordinator.destroy()
+    if dist.is_initialized():
+        for pg in reg._created.values():
+            if pg is not None and pg is not dist.group.WORLD:
+                dist.destroy_process_group(pg)
