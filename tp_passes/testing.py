@@ -104,6 +104,7 @@ def run_ranks(
             if results.empty():
                 break
         time.sleep(0.01)
+    codes = {i: p.exitcode for i, p in enumerate(procs)}  # before any kill below
     errors = {r: payload for r, (status, payload) in collected.items() if status == "error"}
     for p in procs:
         p.join(timeout=5 if not errors and len(collected) == world_size else 0.1)
@@ -115,9 +116,9 @@ def run_ranks(
         raise RankFailure(f"rank {rank} of {world_size} failed:\n{tb}")
     if len(collected) < world_size:
         missing = sorted(set(range(world_size)) - set(collected))
-        codes = {i: p.exitcode for i, p in enumerate(procs)}
-        raise RankFailure(
-            f"ranks {missing} of {world_size} gave no result within {timeout:.0f}s "
-            f"(hang or crash; exit codes {codes})"
-        )
+        if all(c is None for c in codes.values()):
+            why = f"no result within {timeout:.0f}s: hang"
+        else:
+            why = "crashed before reporting (is fn importable from a module?)"
+        raise RankFailure(f"ranks {missing} of {world_size}: {why}; exit codes {codes}")
     return [collected[r][1] for r in range(world_size)]

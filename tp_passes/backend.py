@@ -1,0 +1,376 @@
+"""The `tp_passes` torch.compile backend: capture -> match -> plan -> rewrite -> lower -> compile.
+
+    torch.compile(model, backend="tp_passes", options={"flashcomm2": 1, "inner": "eager"})
+
+Dynamo's graph goes through aot_autograd (functionalized ATen inference graph). The
+inference compiler finds every sum all-reduce, normalizes it (`fx.AllReduce` + `fx.Matmul`),
+agrees on a plan with the other ranks (one all_gather_object, before any other collective),
+inserts the producers (FlashComm2, fused mm + reduce-scatter, plain reduce-scatter), lets
+`TokenSharding` push the token sharding through the residual stream (sequence
+parallelism) and hands the result to the inner compiler. Derived weights are bound as
+extra graph inputs by a small runtime wrapper.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from tp_passes import comm, weights
+from tp_passes.config import TPConfig
+from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, splice, val
+from tp_passes.groups import RankLayout, init_groups
+from tp_passes.groups.registry import check_same_on_all_ranks, registry_or_none
+from tp_passes.lowering import mm_reduce_scatter_impl
+from tp_passes.patterns.flashcomm2 import FlashComm2Groups, is_o_proj
+from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
+from tp_passes.report import Dumper, Entry, GraphReport, rank, record
+
+_graph_ids = itertools.count()
+
+
+@dataclass
+class Site:
+    """One all-reduce and what feeds it, as the plan sees it."""
+
+    ar: AllReduce
+    matmul: Matmul | None
+    module: str
+    weight_index: int | None  # graph input index of the matmul weight
+    n: int
+    j: int
+
+    def invariant(self) -> tuple:
+        """What must be equal on every rank (bias placement may differ)."""
+        w = val(self.matmul.weight).shape if self.matmul else None
+        return (self.module, self.n, str(w), self.matmul is not None)
+
+
+@dataclass
+class Plan:
+    site: Site
+    producer: str  # "flashcomm2" | "reduce_scatter" | "keep"
+    fuse: bool = False
+    any_bias: bool = False
+    entries: list[Entry] = field(default_factory=list)
+
+
+def _source_names(gm: fx.GraphModule) -> list[str]:
+    """Module path of every ATen graph input, in aot_autograd's order."""
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        src = getattr(arg, "source", None) if arg is not None else None
+        name = getattr(src, "name", "") if src is not None else ""
+        names.append(path_from_source(name() if callable(name) else name) if name else node.name)
+    return names
+
+
+def _group(name: str) -> Any:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+class TPBackend:
+    """One compile: holds config, the real inputs (for weights) and the report."""
+
+    def __init__(self, config: TPConfig, real_inputs: list[Any], input_names: list[str]) -> None:
+        self.config = config
+        self.real_inputs = real_inputs
+        self.input_names = input_names
+
+    # -- analysis -------------------------------------------------------------------------
+    def sites(self, gm: fx.GraphModule) -> list[Site]:
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        index = {p: i for i, p in enumerate(placeholders)}
+        out = []
+        for ar in find_all_reduces(gm.graph):
+            mm = match_matmul(ar.partial)
+            src = mm.weight if mm else placeholder_of(ar.partial)
+            widx = index.get(src) if src is not None else None
+            module = module_of(self.input_names[widx]) if widx is not None else ""
+            pg = _group(ar.group_name)
+            out.append(Site(ar, mm, module, widx if mm else None, pg.size(), pg.rank()))
+        return out
+
+    def agree(self, sites: list[Site]) -> list[bool]:
+        """Check the plan's inputs are equal on all ranks; return any-rank-has-bias per site."""
+        local = [s.matmul is not None and s.matmul.bias is not None for s in sites]
+        invariant = {"config": self.config.to_dict(), "sites": [s.invariant() for s in sites]}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (check_digest(invariant), local))
+        digests = {d for d, _ in gathered}
+        if len(digests) > 1:
+            by = {}
+            for r, (d, _) in enumerate(gathered):
+                by.setdefault(d[:8], []).append(r)
+            raise RuntimeError(
+                "tp_passes: the rewrite plan differs across ranks (config or matched graph; "
+                f"ranks by plan fingerprint: {by}); refusing to compile a graph that would hang"
+            )
+        return [any(g[1][i] for g in gathered) for i in range(len(sites))]
+
+    def plan(self, sites: list[Site], any_bias: list[bool]) -> list[Plan]:
+        cfg = self.config
+        plans = []
+        for site, bias in zip(sites, any_bias):
+            p = Plan(site, "keep", any_bias=bias)
+            e = lambda rw, ok, why="", blocked=False, **d: p.entries.append(  # noqa: E731
+                Entry(rw, site.module, ok, why, site.n, d, blocked)
+            )
+            sp_on = cfg.sequence_parallel in (True, "auto")
+            fuse_on = cfg.fuse_mm_reduce_scatter in (True, "auto")
+            if site.n == 1:
+                e("sequence_parallel", False, "all-reduce over a group of size 1")
+                plans.append(p)
+                continue
+            if cfg.flashcomm2 and site.matmul is not None and is_o_proj(site.module):
+                why = self._flashcomm2_blocker(site)
+                if why:
+                    e("flashcomm2", False, why, blocked=True)
+                else:
+                    p.producer = "flashcomm2"
+                    e("flashcomm2", True, m=cfg.flashcomm2)
+            if p.producer == "keep" and (sp_on or (cfg.fuse_mm_reduce_scatter is True and site.matmul)):
+                p.producer = "reduce_scatter"
+                p.fuse = fuse_on and site.matmul is not None
+                if sp_on:
+                    e("sequence_parallel", True)
+                if site.matmul is not None:
+                    if not fuse_on:
+                        e("mm_reduce_scatter", False, "fuse_mm_reduce_scatter=False")
+                    else:
+                        e("mm_reduce_scatter", True)
+            elif p.producer == "keep" and not p.entries:
+                e("sequence_parallel", False, "sequence_parallel=False")
+            plans.append(p)
+        return plans
+
+    def _flashcomm2_blocker(self, site: Site) -> str:
+        m = self.config.flashcomm2
+        if site.n % m or m >= site.n and m != 1:
+            return f"flashcomm2={m} must divide the TP size n={site.n} and be smaller than it"
+        if site.weight_index is None:
+            return "o_proj weight is not a graph input (cannot gather it)"
+        if len(site.matmul.weight.users) != 1:
+            return "o_proj weight is read elsewhere in the graph"
+        if not isinstance(self.real_inputs[site.weight_index], torch.Tensor):
+            return "o_proj weight has no real tensor at compile time"
+        return ""
+
+    # -- rewriting ------------------------------------------------------------------------
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list[Any], dumper: Dumper) -> tuple[list[Plan], list[Any]]:
+        fake_mode = detect_fake_mode(example_inputs)
+        sites = self.sites(gm)
+        if not sites:
+            return [], []
+        with unset_fake_temporarily():  # compile-time collectives run on real tensors
+            any_bias = self.agree(sites)
+        plans = self.plan(sites, any_bias)
+        blocked = [e for p in plans for e in p.entries if e.blocked]
+        if self.config.strict and blocked:  # same on every rank: decided from agreed inputs
+            raise RuntimeError(
+                "tp_passes (strict): rewrites that cannot be applied safely: "
+                + "; ".join(f"{e.rewrite} at {e.module or '?'}: {e.reason}" for e in blocked)
+            )
+        sharding = TokenSharding(gm, fake_mode)
+        extra: list[torch.Tensor] = []
+        for producer in ("flashcomm2", "reduce_scatter"):
+            for p in plans:
+                if p.producer == producer:
+                    getattr(self, f"_produce_{producer}")(gm, sharding, p, extra, fake_mode)
+            dumper.graph(f"after_{producer}", gm)
+        sp = self.config.sequence_parallel in (True, "auto")
+        n_sharded = sharding.run(propagate=sp)
+        for p in plans:
+            for entry in p.entries:
+                if entry.rewrite == "sequence_parallel" and entry.applied:
+                    entry.details["ops_on_sharded_tokens_in_graph"] = n_sharded
+        gm.graph.lint()
+        gm.recompile()
+        dumper.graph("after_sequence_parallel", gm)
+        return plans, extra
+
+    def _shape(self, sharding: TokenSharding, site: Site, rows: Any) -> list[Any]:
+        partial = site.ar.partial
+        if site.matmul is not None and partial is not site.matmul.mm:
+            return list(partial.args[1])  # the view back to [B, S, H]
+        return [rows, val(partial).shape[-1]]
+
+    def _produce_reduce_scatter(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode) -> None:
+        site = p.site
+        g, n = site.ar.group_name, site.n
+        before = site.ar.result
+        mm = site.matmul
+        with gm.graph.inserting_before(before):
+            if mm is not None:
+                rows = sharding.size(mm.x, 0)
+                shape = self._shape(sharding, site, rows)
+                if p.fuse and not p.any_bias:
+                    fn, how = mm_reduce_scatter_impl(val(mm.x).device.type, n, g)
+                    twin = splice(gm.graph, lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before, fake_mode)
+                else:
+                    how = "decomposed mm + reduce_scatter (bias before the reduce)" if p.any_bias else "unfused"
+                    twin = splice(gm.graph, lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm], before, fake_mode)
+                for e in p.entries:
+                    if e.rewrite == "mm_reduce_scatter":
+                        e.details["lowering"] = how
+            else:
+                partial = site.ar.partial
+                rows = sharding.rows_of(partial)
+                shape = sharding.shape_of(partial)
+                twin = splice(
+                    gm.graph,
+                    lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n),
+                    [partial], before, fake_mode,
+                )
+        sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
+
+    def _produce_flashcomm2(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode) -> None:
+        site, mm = p.site, p.site.matmul
+        w_real = self.real_inputs[site.weight_index]
+        with unset_fake_temporarily():
+            groups = self._flashcomm2_groups(site)
+            w_block = weights.materialize(w_real, weights.WeightSpec("gather", 1, _group(groups.odp)))
+            bias = None
+            if p.any_bias:
+                b_idx = self._input_index(gm, mm.bias) if mm.bias is not None else None
+                b_real = self.real_inputs[b_idx] if b_idx is not None else None
+                like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
+                bias = weights.materialize(b_real, weights.WeightSpec("sum", 0, _group(site.ar.group_name)), like)
+            weight_bytes_before = w_real.numel() * w_real.element_size()
+            if self.config.release_weights:
+                weights.release(w_real)
+        w_node = self._bind(gm, w_block, extra, fake_mode, f"fc2_w_{len(extra)}")
+        b_node = self._bind(gm, bias, extra, fake_mode, f"fc2_b_{len(extra)}") if bias is not None else None
+        g = site.ar.group_name
+        before = site.ar.result
+
+        def produce(x, w, b=None):
+            y = comm.flashcomm2_rows(x, w, groups.odp, groups.G, groups.otp, groups.m)
+            return y if b is None else y + b
+
+        with gm.graph.inserting_before(before):
+            rows = sharding.size(mm.x, 0)
+            shape = self._shape(sharding, site, rows)
+        twin = splice(gm.graph, produce, [mm.x, w_node] + ([b_node] if b_node is not None else []), before, fake_mode)
+        sharding.add(before, Sharded(twin, g, site.n, site.j, rows, shape))
+        for e in p.entries:
+            e.details.update(weight_bytes_before=weight_bytes_before,
+                             weight_bytes_after=w_block.numel() * w_block.element_size())
+
+    def _flashcomm2_groups(self, site: Site) -> FlashComm2Groups:
+        m, n = self.config.flashcomm2, site.n
+        tp_ranks = dist.get_process_group_ranks(_group(site.ar.group_name))
+        reg = registry_or_none()
+        layout = reg.layout if reg is not None else RankLayout(dist.get_world_size(), tp=n, dp=dist.get_world_size() // n)
+        if sorted(tp_ranks) not in [sorted(g) for g in layout.tp_groups()]:
+            raise RuntimeError(f"tp_passes: the graph's TP group {tp_ranks} is not a TP group of {layout}")
+        merged = TPConfig.from_dict({"flashcomm2": m}, base=reg.config if reg else TPConfig())
+        reg = init_groups(merged, layout)
+        otp, odp = reg.get("fc2_otp"), reg.get("fc2_odp")
+        return FlashComm2Groups(otp.group_name, odp.group_name, m, n // m, site.j // (n // m))
+
+    def _input_index(self, gm: fx.GraphModule, node: fx.Node) -> int | None:
+        for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
+            if p is node:
+                return i
+        return None
+
+    def _bind(self, gm: fx.GraphModule, tensor: torch.Tensor, extra: list, fake_mode, name: str) -> fx.Node:
+        last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+        with gm.graph.inserting_after(last):
+            node = gm.graph.placeholder(name)
+        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+        extra.append(tensor)
+        return node
+
+
+def check_digest(obj: Any) -> str:
+    from tp_passes.groups.registry import _fingerprint
+
+    return _fingerprint(obj)
+
+
+def _inner(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    if config.inner == "eager":
+        return make_boxed_func(gm.forward)
+    if config.inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        return compile_fx_inner(gm, example_inputs)
+    try:
+        import torchair  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "tp_passes: inner='torchair' needs torchair (Ascend), which is not installed; "
+            "use inner='inductor' or 'eager'"
+        ) from None
+    return make_boxed_func(torchair.get_npu_backend()(gm, example_inputs))
+
+
+def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
+    """The torch.compile backend (entry point `torch_dynamo_backends: tp_passes`)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    config = TPConfig.resolve(options)
+    input_names = _source_names(gm)
+    tp = TPBackend(config, list(example_inputs), input_names)
+    decomps = None
+    if config.inner == "inductor":
+        from torch._inductor.decomposition import select_decomp_table
+
+        decomps = select_decomp_table()
+
+    def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
+        graph_id = next(_graph_ids)
+        report = GraphReport(graph_id, rank())
+        dumper = Dumper(config.dump, config.dump_dir, graph_id)
+        dumper.graph("aten", aten_gm)
+        extra: list[torch.Tensor] = []
+        if dist.is_available() and dist.is_initialized():
+            plans, extra = tp.rewrite(aten_gm, inputs, dumper)
+            report.entries = [e for p in plans for e in p.entries]
+        fake_mode = detect_fake_mode(inputs)
+        compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
+        report.collectives = _collective_counts(aten_gm)
+        compiled = _inner(config, aten_gm, compile_inputs)
+        dumper.graph("final", aten_gm)
+        dumper.report(report)
+        record(report)
+        if not extra:
+            return compiled
+
+        def run(args: list[Any]) -> Any:
+            return compiled(list(args) + extra)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+    def training(aten_gm: fx.GraphModule, inputs: list[Any]):
+        report = GraphReport(next(_graph_ids), rank())
+        report.entries.append(Entry("all", "", False, "training graph: tp_passes rewrites inference graphs only (use torch.no_grad())"))
+        record(report)
+        return _inner(config, aten_gm, inputs)
+
+    return aot_autograd(fw_compiler=training, inference_compiler=inference, decompositions=decomps)(gm, example_inputs)
+
+
+def _collective_counts(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("_c10d_functional.") and "wait" not in str(node.target):
+            name = str(node.target).split(".")[1]
+            counts[name] = counts.get(name, 0) + 1
+    return counts

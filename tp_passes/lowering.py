@@ -1,0 +1,50 @@
+"""Device-specific lowering of fused matmul + reduce-scatter.
+
+`mm_reduce_scatter_impl` returns a function with the signature ``fn(x, w, group, n)``
+computing ``reduce_scatter(pad(x) @ w.T)``; the rewrite traces whichever one the device
+has, so the final graph holds the fused kernel where one exists and the decomposed
+mm + reduce_scatter elsewhere. A bias added before the reduce (rank 0 only, as vLLM's
+RowParallelLinear does) cannot enter the fused kernels, so the plan keeps such matches
+decomposed on every rank: the choice must be the same on all ranks of the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tp_passes import comm
+
+NPU_MAX_GROUP = 8  # torch_npu.npu_mm_reduce_scatter_base supports at most 8 ranks
+
+
+def _decomposed(x, w, group: str, n: int):
+    return comm.mm_reduce_scatter(x, w, None, group, n)
+
+
+def _cuda_fused(x, w, group: str, n: int):
+    return torch.ops.symm_mem.fused_matmul_reduce_scatter(
+        comm.pad_rows(x, n), w.t(), "sum", 0, group
+    )
+
+
+def _npu_fused(x, w, group: str, n: int):
+    import torch_npu  # optional dependency, only on Ascend
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    hcom = pg._get_backend(torch.device("npu")).get_hccl_comm_name(pg.rank())
+    return torch_npu.npu_mm_reduce_scatter_base(comm.pad_rows(x, n), w.t(), hcom, n, reduce_op="sum")
+
+
+def mm_reduce_scatter_impl(device_type: str, n: int, group: str) -> tuple[Callable, str]:
+    """(fn, description) of the best reduce_scatter(x @ w.T) on this device."""
+    if device_type == "cuda" and hasattr(torch.ops.symm_mem, "fused_matmul_reduce_scatter"):
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        enable_symm_mem_for_group(group)
+        return _cuda_fused, "cuda: symm_mem.fused_matmul_reduce_scatter"
+    if device_type == "npu" and n <= NPU_MAX_GROUP:
+        return _npu_fused, "npu: torch_npu.npu_mm_reduce_scatter_base"
+    return _decomposed, f"{device_type}: decomposed mm + reduce_scatter (no fused kernel)"

@@ -1,0 +1,170 @@
+"""A small Llama-style tensor-parallel decoder, written with functional collectives.
+
+Vocab-parallel embedding, column-parallel q/k/v and merged gate_up, row-parallel o_proj
+and down_proj (bias on TP rank 0 only, as vLLM and Megatron write it), GQA, RMSNorm.
+Every rank builds the same full weights from `seed` and keeps its TP shard, so the
+original model is the reference the rewrites are tested against.
+Activations are vLLM-style `[T]` token ids or HF-style `[B, S]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab: int = 96
+    hidden: int = 64
+    heads: int = 8
+    kv_heads: int = 4
+    head_dim: int = 8
+    intermediate: int = 96
+    layers: int = 2
+    eps: float = 1e-6
+    o_proj_bias: bool = False
+    seed: int = 0
+
+
+def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
+    return full.chunk(n, dim=dim)[j].clone()
+
+
+class TPContext:
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.n = dist.get_world_size(group) if group is not None else 1
+        self.j = dist.get_rank(group) if group is not None else 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n == 1:
+            return x
+        return funcol.all_reduce(x, "sum", self.group)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_j @ W_j.T) (+ bias on rank 0, before the reduce)."""
+
+    def __init__(self, full_w: torch.Tensor, full_b: torch.Tensor | None, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(_shard(full_w, 1, tp.n, tp.j), requires_grad=False)
+        self.bias = nn.Parameter(full_b.clone(), requires_grad=False) if full_b is not None else None
+        self.reduce_results = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp.j == 0 else None
+        return self.tp.all_reduce(F.linear(x, self.weight, bias))
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, full_w: torch.Tensor, tp: TPContext, parts: int = 1) -> None:
+        super().__init__()
+        # a merged weight (gate_up) is sharded part by part
+        chunks = [_shard(p, 0, tp.n, tp.j) for p in full_w.chunk(parts, dim=0)]
+        self.weight = nn.Parameter(torch.cat(chunks), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, full_w: torch.Tensor, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.per = full_w.shape[0] // tp.n
+        self.start = tp.j * self.per
+        self.weight = nn.Parameter(_shard(full_w, 0, tp.n, tp.j), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        mask = (local < 0) | (local >= self.per)
+        e = F.embedding(local.masked_fill(mask, 0), self.weight)
+        return self.tp.all_reduce(e.masked_fill(mask.unsqueeze(-1), 0.0))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, h: int, eps: float, g: torch.Generator) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(h, generator=g), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
+        super().__init__()
+        self.h, self.kv, self.d = c.heads // tp.n, c.kv_heads // tp.n, c.head_dim
+        s = c.hidden**-0.5
+        self.q_proj = ColumnParallelLinear(s * torch.randn(c.heads * c.head_dim, c.hidden, generator=g), tp)
+        self.k_proj = ColumnParallelLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
+        self.v_proj = ColumnParallelLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
+        a = c.heads * c.head_dim
+        wo = a**-0.5 * torch.randn(c.hidden, a, generator=g)
+        bo = 0.1 * torch.randn(c.hidden, generator=g) if c.o_proj_bias else None
+        self.o_proj = RowParallelLinear(wo, bo, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q = self.q_proj(x).unflatten(-1, (self.h, self.d)).transpose(-3, -2)
+        k = self.k_proj(x).unflatten(-1, (self.kv, self.d)).transpose(-3, -2)
+        v = self.v_proj(x).unflatten(-1, (self.kv, self.d)).transpose(-3, -2)
+        rep = self.h // self.kv
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(-3, -2).reshape(*lead, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
+        super().__init__()
+        s = c.hidden**-0.5
+        self.gate_up_proj = ColumnParallelLinear(s * torch.randn(2 * c.intermediate, c.hidden, generator=g), tp, parts=2)
+        self.down_proj = RowParallelLinear(c.intermediate**-0.5 * torch.randn(c.hidden, c.intermediate, generator=g), None, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden, c.eps, g)
+        self.self_attn = Attention(c, tp, g)
+        self.post_attention_layernorm = RMSNorm(c.hidden, c.eps, g)
+        self.mlp = MLP(c, tp, g)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TPLlama(nn.Module):
+    """Returns final hidden states and logits (lm_head replicated)."""
+
+    def __init__(self, c: ModelConfig, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        tp = TPContext(group)
+        g = torch.Generator().manual_seed(c.seed)
+        self.embed_tokens = VocabParallelEmbedding(torch.randn(c.vocab, c.hidden, generator=g), tp)
+        self.layers = nn.ModuleList(DecoderLayer(c, tp, g) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden, c.eps, g)
+        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(c.hidden**-0.5 * torch.randn(c.vocab, c.hidden, generator=g))
+        self.lm_head.weight.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(self.norm(h))

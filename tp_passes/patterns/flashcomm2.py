@@ -1,0 +1,37 @@
+"""FlashComm2 on o_proj: all_to_all before the matmul instead of all_reduce after it.
+
+Before (per TP rank t of n; x is sharded by heads)::
+
+    p = mm(x[T, A/n], t(w_t[H, A/n]))
+    y = wait_tensor(all_reduce(p, "sum", tp))          # [T, H]
+
+After (m = flashcomm2, G = n/m; see `comm.flashcomm2_rows` for the piece order)::
+
+    s = all_to_all_single(reorder(pad(x)), odp)        # my tokens, A/m columns
+    p = mm(s, t(w_block[H, A/m]))                      # w_block gathered once over ODP
+    ys = reduce_scatter(p, "sum", otp)                 # m > 1 only; [T/n, H]
+    y  = all_gather(ys, tp)[:T]                        # or stays sharded under SP
+
+A bias added before the reduce (rank 0 only) becomes one bias, summed over the TP group
+once at compile time, added to every rank's token piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+O_PROJ_NAMES = ("o_proj", "out_proj", "wo")
+
+
+def is_o_proj(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last in O_PROJ_NAMES or module.endswith("attention.dense")
+
+
+@dataclass(frozen=True)
+class FlashComm2Groups:
+    otp: str  # group names for functional collectives
+    odp: str
+    m: int
+    G: int
+    odp_block: int  # b: which A/m column block this rank computes

@@ -1,0 +1,216 @@
+"""Sequence parallelism: keep the residual stream token-sharded between TP matmuls.
+
+Before (per rank, one decoder layer boundary)::
+
+    p   = mm(x, t(w_o))                       # partial sum, [T, H]
+    y   = wait_tensor(all_reduce(p, "sum", tp))
+    h   = add(y, residual)                    # residual stream
+    n   = mul(mul(h, rsqrt(mean(pow(h, 2), [-1]) + eps)), w_norm)
+    q   = mm(n, t(w_q))
+
+After::
+
+    ps  = wait_tensor(reduce_scatter(pad(p), "sum", tp))   # [T/n, H]
+    hs  = add(ps, shard_rows(residual))                    # add + norm on T/n tokens
+    ns  = mul(mul(hs, rsqrt(mean(pow(hs, 2), [-1]) + eps)), w_norm)
+    n   = view(slice(wait_tensor(all_gather(ns, tp)), 0, 0, T), [T, H])
+    q   = mm(n, t(w_q))
+
+How: every rewritten all-reduce becomes a *token-sharded value* (a producer: plain
+reduce-scatter, fused mm + reduce-scatter, or FlashComm2). `TokenSharding` then walks the
+graph in order and pushes the sharding through row-wise ops (elementwise ops, reductions
+over the last dim, views that keep the last dim); a replicated operand with the same
+tokens is sliced to the local rows, one broadcast over tokens is used as is. The first op
+that is not row-wise (a matmul, the graph output) gets the all_gather. The first, middle
+and last layer forms fall out of this: the embedding's all-reduce starts the sharded
+stream, each o_proj/down_proj reduce-scatter continues it, the final norm ends it.
+Padding rows (T not divisible by n) stay confined to their rows and are sliced off.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from tp_passes import comm
+from tp_passes.fx import VIEW_OPS, c10d, is_call, splice, val
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+UNARY = {
+    aten.neg.default, aten.rsqrt.default, aten.sqrt.default, aten.exp.default,
+    aten.log.default, aten.abs.default, aten.reciprocal.default, aten.silu.default,
+    aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.clone.default, aten.alias.default, aten._to_copy.default,
+    prims.convert_element_type.default, aten.pow.Tensor_Scalar, aten.add.Scalar,
+    aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
+}
+BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+LAST_DIM_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+
+
+@dataclass
+class Sharded:
+    """A value held token-sharded: `twin` is [Tl, F], the original is `shape` ([..., F])."""
+
+    twin: fx.Node
+    group: str
+    n: int
+    j: int
+    rows: Any  # T: int or SymInt node
+    shape: list[Any]  # full shape: ints / SymInt nodes (view args)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return statically_known_true(a == b) if not (isinstance(a, int) and isinstance(b, int)) else a == b
+
+
+class TokenSharding:
+    def __init__(self, gm: fx.GraphModule, fake_mode: Any) -> None:
+        self.gm, self.graph, self.fake_mode = gm, gm.graph, fake_mode
+        self.sharded: dict[fx.Node, Sharded] = {}
+        self._full: dict[fx.Node, fx.Node] = {}
+
+    # -- emission ---------------------------------------------------------------------
+    def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs or {})
+        with self.fake_mode:
+            node.meta["val"] = target(*fx.map_arg(args, val), **fx.map_arg(kwargs or {}, val))
+        return node
+
+    def rows_of(self, node: fx.Node) -> Any:
+        """prod(shape[:-1]) of `node`, as an int or a SymInt node."""
+        sizes = [self.size(node, d) for d in range(val(node).dim() - 1)]
+        if all(isinstance(s, int) for s in sizes):
+            return math.prod(sizes)
+        out = sizes[0]
+        for s in sizes[1:]:
+            out = self.emit(operator.mul, (out, s))
+        return out
+
+    def size(self, node: fx.Node, dim: int) -> Any:
+        s = val(node).shape[dim]
+        return s if isinstance(s, int) else self.emit(aten.sym_size.int, (node, dim))
+
+    def shape_of(self, node: fx.Node) -> list[Any]:
+        return [self.size(node, d) for d in range(val(node).dim())]
+
+    # -- producers register here ------------------------------------------------------
+    def add(self, original: fx.Node, value: Sharded) -> None:
+        self.sharded[original] = value
+
+    def full(self, node: fx.Node) -> fx.Node:
+        """The replicated value of a sharded node: all_gather, unpad, reshape (once)."""
+        if node not in self._full:
+            s = self.sharded[node]
+            with self.graph.inserting_before(node):
+                g = self.emit(c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group))
+                g = self.emit(c10d.wait_tensor.default, (g,))
+                g = self.emit(aten.slice.Tensor, (g, 0, 0, s.rows))
+                self._full[node] = self.emit(aten.view.default, (g, s.shape))
+        return self._full[node]
+
+    # -- propagation ----------------------------------------------------------------------
+    def run(self, propagate: bool) -> int:
+        """Push sharding through row-wise ops (if `propagate`), gather where it must stop.
+
+        Returns the number of ops that now run on T/n tokens.
+        """
+        sharded_ops = 0
+        for node in list(self.graph.nodes):
+            ins = [a for a in node.all_input_nodes if a in self.sharded]
+            if not ins:
+                continue
+            new = self._row_wise(node) if propagate and node.op == "call_function" else None
+            if new is not None:
+                self.sharded[node] = new
+                sharded_ops += 1
+                continue
+            for a in ins:
+                node.replace_input_with(a, self.full(a))
+        self._remove_dead()
+        return sharded_ops
+
+    def _remove_dead(self) -> None:
+        # functional collectives and their waits are pure: drop the replaced ones
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(self.graph.nodes)):
+                if node.op == "call_function" and not node.users and (
+                    not node.is_impure() or is_call(node, c10d.wait_tensor.default)
+                ):
+                    self.graph.erase_node(node)
+                    changed = True
+
+    def _operand(self, arg: Any, ref: Sharded, ref_node: fx.Node, before: fx.Node) -> Any:
+        """Local form of an operand next to the sharded `ref`, or raise _NotRowWise."""
+        if not isinstance(arg, fx.Node):
+            return arg
+        if arg in self.sharded:
+            s = self.sharded[arg]
+            if s.group != ref.group:
+                raise _NotRowWise
+            return s.twin
+        v = val(arg)
+        if not isinstance(v, torch.Tensor):
+            raise _NotRowWise
+        if v.dim() <= 1 or all(_same(d, 1) for d in v.shape[:-1]):
+            if v.dim() <= 1:
+                return arg  # broadcast over tokens
+            with self.graph.inserting_before(before):
+                return self.emit(aten.view.default, (arg, [v.shape[-1]]))
+        tokens = val(ref_node).shape[:-1]
+        if v.dim() == len(tokens) + 1 and all(_same(a, b) for a, b in zip(v.shape[:-1], tokens)):
+            return splice(self.graph, lambda t: comm.shard_rows(t, ref.n, ref.j), [arg], before, self.fake_mode)
+        raise _NotRowWise
+
+    def _row_wise(self, node: fx.Node) -> Sharded | None:
+        ref_node = next(a for a in node.all_input_nodes if a in self.sharded)
+        ref = self.sharded[ref_node]
+        out = val(node)
+        if not isinstance(out, torch.Tensor) or out.dim() < 1:
+            return None
+        feat = out.shape[-1]
+        if not isinstance(feat, int):
+            return None
+        t = node.target
+        try:
+            if t in VIEW_OPS:
+                src = node.args[0]
+                if src not in self.sharded or val(src).shape[-1] != feat or out.dim() < 2:
+                    return None
+                shape = list(node.args[1])
+                if any(isinstance(s, int) and s == -1 for s in shape[:-1]):
+                    shape = [self.size(node, d) if isinstance(shape[d], int) and shape[d] == -1 else shape[d] for d in range(len(shape))]
+                return Sharded(self.sharded[src].twin, ref.group, ref.n, ref.j, ref.rows, shape)
+            if t in UNARY or t in BINARY:
+                if not all(_same(a, b) for a, b in zip(out.shape[:-1], val(ref_node).shape[:-1])):
+                    return None
+                args = tuple(self._operand(a, ref, ref_node, node) for a in node.args)
+            elif t in LAST_DIM_REDUCE:
+                x, dims = node.args[0], node.args[1]
+                keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+                nd = val(x).dim()
+                if x not in self.sharded or not keep or [d % nd for d in dims] != [nd - 1]:
+                    return None
+                args = (self.sharded[x].twin, [-1], True, *node.args[3:])
+            else:
+                return None
+        except _NotRowWise:
+            return None
+        with self.graph.inserting_before(node):
+            twin = self.emit(t, args, dict(node.kwargs))
+        shape = list(ref.shape[:-1]) + [feat]
+        return Sharded(twin, ref.group, ref.n, ref.j, ref.rows, shape)
+
+
+class _NotRowWise(Exception):
+    pass

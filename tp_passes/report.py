@@ -1,0 +1,98 @@
+"""What the backend did: one entry per (match, rewrite), and the dump files per rank."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.fx as fx
+
+
+@dataclass
+class Entry:
+    rewrite: str  # "sequence_parallel" | "mm_reduce_scatter" | "flashcomm2" | ...
+    module: str
+    applied: bool
+    reason: str = ""
+    group_size: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    blocked: bool = False  # wanted but unsafe: an error under strict=True
+
+
+@dataclass
+class GraphReport:
+    graph_id: int
+    rank: int
+    entries: list[Entry] = field(default_factory=list)
+    collectives: dict[str, int] = field(default_factory=dict)  # final graph: op -> count
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph_id,
+            "rank": self.rank,
+            "entries": [asdict(e) for e in self.entries],
+            "collectives": self.collectives,
+        }
+
+    def summary(self) -> str:
+        applied: dict[str, int] = {}
+        for e in self.entries:
+            if e.applied:
+                applied[e.rewrite] = applied.get(e.rewrite, 0) + 1
+        skipped = sum(not e.applied for e in self.entries)
+        parts = ", ".join(f"{k} x{v}" for k, v in sorted(applied.items())) or "no rewrite"
+        return f"tp_passes graph {self.graph_id}: {parts}; {skipped} skipped; collectives {self.collectives}"
+
+
+_REPORTS: list[GraphReport] = []
+
+
+def record(report: GraphReport) -> None:
+    _REPORTS.append(report)
+
+
+def last_report() -> list[dict[str, Any]]:
+    """Entries of the most recently compiled graph, as dicts."""
+    return [asdict(e) for e in _REPORTS[-1].entries] if _REPORTS else []
+
+
+def all_reports() -> list[GraphReport]:
+    return list(_REPORTS)
+
+
+def reset_reports() -> None:
+    _REPORTS.clear()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Dumper:
+    """Writes readable graphs per rank and graph: ``<dir>/rank<r>/graph<k>/NN_<stage>.py``."""
+
+    def __init__(self, enabled: bool, root: str, graph_id: int) -> None:
+        self.enabled = enabled
+        self.dir = Path(root) / f"rank{rank()}" / f"graph{graph_id:03d}"
+        self.step = 0
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def graph(self, stage: str, gm: fx.GraphModule) -> None:
+        if not self.enabled:
+            return
+        gm.recompile()
+        text = gm.print_readable(print_output=False, include_stride=True, include_device=True)
+        (self.dir / f"{self.step:02d}_{stage}.py").write_text(text)
+        self.step += 1
+
+    def report(self, report: GraphReport) -> None:
+        if not self.enabled:
+            return
+        (self.dir / "report.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+        if report.rank == 0:
+            print(report.summary(), f"(dump: {os.path.abspath(self.dir)})", flush=True)
