@@ -21,13 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from tp_passes import comm, weights
 from tp_passes.config import TPConfig
 from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, splice, val
 from tp_passes.groups import RankLayout, init_groups
-from tp_passes.groups.registry import check_same_on_all_ranks, registry_or_none
+from tp_passes.groups.registry import ensure_partition, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, is_o_proj
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
@@ -72,6 +71,32 @@ def _source_names(gm: fx.GraphModule) -> list[str]:
         name = getattr(src, "name", "") if src is not None else ""
         names.append(path_from_source(name() if callable(name) else name) if name else node.name)
     return names
+
+
+def outside_compile(fn: Any, *args: Any) -> Any:
+    """Run compile-time collectives on a fresh thread.
+
+    Inside aot_autograd's compiler callback a gloo collective never completes (seen on
+    torch 2.13 CPU; the same call from Dynamo's backend or from another thread does), so
+    the thread-local state of the compile must not be inherited. Fake mode is thread
+    local too, so `fn` sees real tensors.
+    """
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["out"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="tp_passes-compile-collective")
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
 
 
 def _group(name: str) -> Any:
@@ -173,8 +198,7 @@ class TPBackend:
         sites = self.sites(gm)
         if not sites:
             return [], []
-        with unset_fake_temporarily():  # compile-time collectives run on real tensors
-            any_bias = self.agree(sites)
+        any_bias = outside_compile(self.agree, sites)
         plans = self.plan(sites, any_bias)
         blocked = [e for p in plans for e in p.entries if e.blocked]
         if self.config.strict and blocked:  # same on every rank: decided from agreed inputs
@@ -237,19 +261,7 @@ class TPBackend:
 
     def _produce_flashcomm2(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode) -> None:
         site, mm = p.site, p.site.matmul
-        w_real = self.real_inputs[site.weight_index]
-        with unset_fake_temporarily():
-            groups = self._flashcomm2_groups(site)
-            w_block = weights.materialize(w_real, weights.WeightSpec("gather", 1, _group(groups.odp)))
-            bias = None
-            if p.any_bias:
-                b_idx = self._input_index(gm, mm.bias) if mm.bias is not None else None
-                b_real = self.real_inputs[b_idx] if b_idx is not None else None
-                like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
-                bias = weights.materialize(b_real, weights.WeightSpec("sum", 0, _group(site.ar.group_name)), like)
-            weight_bytes_before = w_real.numel() * w_real.element_size()
-            if self.config.release_weights:
-                weights.release(w_real)
+        groups, w_block, bias, weight_bytes_before = outside_compile(self._flashcomm2_weights, gm, p)
         w_node = self._bind(gm, w_block, extra, fake_mode, f"fc2_w_{len(extra)}")
         b_node = self._bind(gm, bias, extra, fake_mode, f"fc2_b_{len(extra)}") if bias is not None else None
         g = site.ar.group_name
@@ -268,6 +280,23 @@ class TPBackend:
             e.details.update(weight_bytes_before=weight_bytes_before,
                              weight_bytes_after=w_block.numel() * w_block.element_size())
 
+    def _flashcomm2_weights(self, gm: fx.GraphModule, p: Plan) -> tuple:
+        """Groups and derived weights for one FlashComm2 match (collective, real tensors)."""
+        site, mm = p.site, p.site.matmul
+        w_real = self.real_inputs[site.weight_index]
+        groups = self._flashcomm2_groups(site)
+        w_block = weights.materialize(w_real, weights.WeightSpec("gather", 1, _group(groups.odp)))
+        bias = None
+        if p.any_bias:  # rank 0's bias, summed with zeros from the others: one bias everywhere
+            b_idx = self._input_index(gm, mm.bias) if mm.bias is not None else None
+            b_real = self.real_inputs[b_idx] if b_idx is not None else None
+            like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
+            bias = weights.materialize(b_real, weights.WeightSpec("sum", 0, _group(site.ar.group_name)), like)
+        weight_bytes_before = w_real.numel() * w_real.element_size()
+        if self.config.release_weights:
+            weights.release(w_real)
+        return groups, w_block, bias, weight_bytes_before
+
     def _flashcomm2_groups(self, site: Site) -> FlashComm2Groups:
         m, n = self.config.flashcomm2, site.n
         tp_ranks = dist.get_process_group_ranks(_group(site.ar.group_name))
@@ -275,9 +304,11 @@ class TPBackend:
         layout = reg.layout if reg is not None else RankLayout(dist.get_world_size(), tp=n, dp=dist.get_world_size() // n)
         if sorted(tp_ranks) not in [sorted(g) for g in layout.tp_groups()]:
             raise RuntimeError(f"tp_passes: the graph's TP group {tp_ranks} is not a TP group of {layout}")
-        merged = TPConfig.from_dict({"flashcomm2": m}, base=reg.config if reg else TPConfig())
-        reg = init_groups(merged, layout)
-        otp, odp = reg.get("fc2_otp"), reg.get("fc2_odp")
+        if reg is None:
+            reg = init_groups(TPConfig(flashcomm2=m), layout)
+        otp_lists, odp_lists = layout.flashcomm2_groups(m)
+        otp = ensure_partition(reg, f"fc2_otp_{m}", otp_lists)
+        odp = ensure_partition(reg, f"fc2_odp_{m}", odp_lists)
         return FlashComm2Groups(otp.group_name, odp.group_name, m, n // m, site.j // (n // m))
 
     def _input_index(self, gm: fx.GraphModule, node: fx.Node) -> int | None:

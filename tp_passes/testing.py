@@ -8,6 +8,7 @@ a run that outlives `timeout` is killed and reported as a hang, never waited on 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import time
@@ -34,8 +35,11 @@ def _rank_main(
     args: tuple,
     results: Any,
     env: dict[str, str],
+    timeout: float,
 ) -> None:
     os.environ.update(env)
+    # a hung rank prints where it is stuck before the parent kills it
+    faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=False)
     torch.set_num_threads(1)  # 2 cores shared by up to 8 ranks
     try:
         dist.init_process_group(
@@ -81,7 +85,7 @@ def run_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, fn, args, results, dict(env or {})),
+            args=(rank, world_size, port, fn, args, results, dict(env or {}), timeout),
             daemon=True,
         )
         for rank in range(world_size)

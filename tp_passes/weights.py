@@ -8,16 +8,17 @@ extra graph input.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
-_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, dict[tuple, torch.Tensor]]" = (
-    weakref.WeakKeyDictionary()
-)
+# Derived tensors live on the parameter object itself, so their lifetime is the
+# parameter's and a hit or miss never depends on object ids (a rank that missed would
+# issue a collective the others skip).
+_ATTR = "_tp_passes_derived"
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,27 @@ class WeightSpec:
 
 
 def _gather(t: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    k = dist.get_world_size(group)
+    out = funcol.wait_tensor(funcol.all_gather_single(t.detach().contiguous(), 0, group))
+    return torch.cat(out.chunk(k), dim=dim)
 
 
 def materialize(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | None = None) -> torch.Tensor:
     """The derived tensor; `source` None means "this rank contributes zeros like `like`"."""
-    if source is not None and spec.key() in _CACHE.get(source, {}):
-        return _CACHE[source][spec.key()]
+    cached = getattr(source, _ATTR, {}) if source is not None else {}
+    if spec.key() in cached:
+        return cached[spec.key()]
     with torch.no_grad():
         if spec.kind == "gather":
             assert source is not None
             out = _gather(source, spec.dim, spec.group)
         else:
-            out = (source if source is not None else torch.zeros_like(like)).detach().clone()
+            src = source if source is not None else torch.zeros_like(like)
+            out = src.detach().float()  # exactly one rank contributes: the sum is exact
             dist.all_reduce(out, group=spec.group)
+            out = out.to(src.dtype)
     if source is not None:
-        _CACHE.setdefault(source, {})[spec.key()] = out
+        setattr(source, _ATTR, {**cached, spec.key(): out})
     return out
 
 

@@ -142,7 +142,8 @@ class RankLayout:
         """(OTP, ODP) groups inside every TP group of size n, with G = n / m.
 
         OTP groups are the strided sets ``{i + j*G : j < m}`` (size m), ODP groups the
-        contiguous blocks of G TP indices.
+        contiguous blocks of G TP indices; a TP index is the rank's position in its TP
+        process group, whose members torch orders by global rank.
         """
         _positive_int("flashcomm2 m", m)
         if m >= self.tp or self.tp % m:
@@ -150,9 +151,13 @@ class RankLayout:
                 f"RankLayout: flashcomm2 m={m} must divide tp={self.tp} and be smaller "
                 "than it"
             )
-        e, d, p, c, n = self.shape
-        split = (e, d, p, c, m, n // m)
-        return self._map(groups_varying(split, [4])), self._map(groups_varying(split, [5]))
+        G = self.tp // m
+        otp, odp = [], []
+        for tp_group in self.tp_groups():
+            g = sorted(tp_group)  # TP index = rank in the TP process group (torch's order)
+            otp += [[g[i + j * G] for j in range(m)] for i in range(G)]
+            odp += [g[b * G : (b + 1) * G] for b in range(m)]
+        return otp, odp
 
     def shared_weight_groups(self) -> Groups:
         """Every rank that holds the same pipeline stage of one model instance."""

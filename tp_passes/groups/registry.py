@@ -89,6 +89,7 @@ class GroupRegistry:
     layout: RankLayout
     backend: str
     groups: dict[str, NamedGroup] = field(default_factory=dict)
+    partitions: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     _created: dict[tuple[int, ...], Any] = field(default_factory=dict)
 
     def get(self, name: str) -> NamedGroup:
@@ -141,26 +142,42 @@ def init_groups(
         _REGISTRY = GroupRegistry(config, layout, backend or _world_backend())
     reg = _REGISTRY
     reg.config = config
-    ps = _vllm_parallel_state()
     for name, rank_lists in plan.items():
-        if name in reg.groups:
+        partition = tuple(tuple(sorted(g)) for g in rank_lists)
+        if name in reg.partitions:  # the registry is the same on every rank
+            if reg.partitions[name] != partition:
+                raise ValueError(
+                    f"tp_passes.init_groups: group {name!r} exists as "
+                    f"{[list(g) for g in reg.partitions[name]]}, this config needs "
+                    f"{[list(g) for g in partition]}; call destroy_groups() first"
+                )
             continue
-        # torch orders a group's members by global rank, whatever order we list them in
-        mine = tuple(sorted(RankLayout.group_of(rank, rank_lists)))
-        if ps is not None:
-            reg.groups[name] = _vllm_group(ps, name, rank_lists, mine, reg.backend)
-            continue
-        for ranks in rank_lists:  # same order on every rank
-            key = tuple(sorted(ranks))
-            if key in reg._created:
-                continue
-            if len(key) == world:
-                reg._created[key] = dist.group.WORLD
-            else:
-                pg = dist.new_group(list(key), backend=reg.backend)
-                reg._created[key] = pg if rank in key else None
-        reg.groups[name] = NamedGroup(name, mine, reg._created[mine])
+        reg.partitions[name] = partition
+        reg.groups[name] = ensure_partition(reg, name, rank_lists)
     return reg
+
+
+def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> NamedGroup:
+    """This rank's group of the partition `rank_lists`, created (collectively) if new.
+
+    Every rank must call this with the same arguments in the same order.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # torch orders a group's members by global rank, whatever order we list them in
+    mine = tuple(sorted(RankLayout.group_of(rank, rank_lists)))
+    ps = _vllm_parallel_state()
+    if ps is not None:
+        return _vllm_group(ps, name, rank_lists, mine, reg.backend)
+    for ranks in rank_lists:  # same order on every rank
+        key = tuple(sorted(ranks))
+        if key in reg._created:
+            continue
+        if len(key) == world:
+            reg._created[key] = dist.group.WORLD
+        else:
+            pg = dist.new_group(list(key), backend=reg.backend)
+            reg._created[key] = pg if rank in key else None
+    return NamedGroup(name, mine, reg._created[mine])
 
 
 def _world_backend() -> str:

@@ -77,6 +77,7 @@ class TokenSharding:
         self.gm, self.graph, self.fake_mode = gm, gm.graph, fake_mode
         self.sharded: dict[fx.Node, Sharded] = {}
         self._full: dict[fx.Node, fx.Node] = {}
+        self._gathered: dict[fx.Node, fx.Node] = {}
 
     # -- emission ---------------------------------------------------------------------
     def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
@@ -110,11 +111,15 @@ class TokenSharding:
         """The replicated value of a sharded node: all_gather, unpad, reshape (once)."""
         if node not in self._full:
             s = self.sharded[node]
+            if s.twin not in self._gathered:  # views of one value share one all_gather
+                with self.graph.inserting_after(s.twin):
+                    g = self.emit(c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group))
+                with self.graph.inserting_after(g):
+                    w = self.emit(c10d.wait_tensor.default, (g,))
+                with self.graph.inserting_after(w):
+                    self._gathered[s.twin] = self.emit(aten.slice.Tensor, (w, 0, 0, s.rows))
             with self.graph.inserting_before(node):
-                g = self.emit(c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group))
-                g = self.emit(c10d.wait_tensor.default, (g,))
-                g = self.emit(aten.slice.Tensor, (g, 0, 0, s.rows))
-                self._full[node] = self.emit(aten.view.default, (g, s.shape))
+                self._full[node] = self.emit(aten.view.default, (self._gathered[s.twin], s.shape))
         return self._full[node]
 
     # -- propagation ----------------------------------------------------------------------
