@@ -139,3 +139,36 @@ def _strict_skip(rank, world):
 def test_strict_turns_skip_into_error():
     with pytest.raises(RankFailure, match="flashcomm2=3 must divide the TP size n=4"):
         run_ranks(_strict_skip, 4, timeout=120)
+
+
+def _eager_vs_graph(rank, world, opts, shape, dtype):
+    import tp_passes
+
+    torch._dynamo.reset()
+    cfg = ModelConfig(layers=LAYERS, o_proj_bias=True)
+    ids = torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        original = TPLlama(cfg, dist.group.WORLD).to(dtype)
+        ref = original(ids)
+        graph = torch.compile(original, backend=tp_passes_backend, options=dict(opts, inner="eager"))(ids)
+        eager_model = TPLlama(cfg, dist.group.WORLD).to(dtype)
+        entries = tp_passes.parallelize(eager_model, tp_passes.TPConfig.from_dict(opts))
+        eager = eager_model(ids)
+    scale = ref.float().abs().max().item()
+    return (
+        (eager.float() - ref.float()).abs().max().item() / scale,
+        (eager.float() - graph.float()).abs().max().item() / scale,
+        sorted((e["rewrite"], e["applied"]) for e in entries),
+    )
+
+
+@pytest.mark.parametrize("world, opts", [
+    (2, {}), (4, {}), (2, {"flashcomm2": 1}), (4, {"flashcomm2": 1}), (4, {"flashcomm2": 2}),
+])
+def test_eager_twin_matches_original_and_graph(world, opts):
+    for shape in [(7,), (2, 5)]:
+        for eager_vs_ref, eager_vs_graph, entries in run_ranks(_eager_vs_graph, world, opts, shape, torch.float32):
+            assert eager_vs_ref <= 1e-5 and eager_vs_graph <= 1e-5, (shape, eager_vs_ref, eager_vs_graph)
+            kinds = {k for k, ok in entries if ok}
+            assert ("flashcomm2" in kinds) == bool(opts), entries
+            assert len(entries) == 2 * LAYERS

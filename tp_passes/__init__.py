@@ -13,7 +13,25 @@ from tp_passes.groups import (
     init_groups,
 )
 
+
+
+def parallelize(model, config):  # noqa: ANN001 - thin lazy wrapper
+    """Apply the configured rewrites to `model`'s modules (eager path); see tp_passes.eager."""
+    from tp_passes.eager import parallelize as _parallelize
+
+    return _parallelize(model, config)
+
+
+def last_report() -> list[dict]:
+    """One entry per match of the most recently compiled graph."""
+    from tp_passes.report import last_report as _last_report
+
+    return _last_report()
+
+
 __all__ = [
+    "last_report",
+    "parallelize",
     "RankLayout",
     "TPConfig",
     "destroy_groups",

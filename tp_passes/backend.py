@@ -24,7 +24,7 @@ from torch._guards import detect_fake_mode
 
 from tp_passes import comm, weights
 from tp_passes.config import TPConfig
-from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, splice, val
+from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
 from tp_passes.groups import RankLayout, init_groups
 from tp_passes.groups.registry import ensure_partition, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
@@ -108,8 +108,9 @@ def _group(name: str) -> Any:
 class TPBackend:
     """One compile: holds config, the real inputs (for weights) and the report."""
 
-    def __init__(self, config: TPConfig, real_inputs: list[Any], input_names: list[str]) -> None:
+    def __init__(self, config: TPConfig, real_inputs: list[Any], input_names: list[str], decompositions: dict | None = None) -> None:
         self.config = config
+        self.decompositions = decompositions
         self.real_inputs = real_inputs
         self.input_names = input_names
 
@@ -206,7 +207,7 @@ class TPBackend:
                 "tp_passes (strict): rewrites that cannot be applied safely: "
                 + "; ".join(f"{e.rewrite} at {e.module or '?'}: {e.reason}" for e in blocked)
             )
-        sharding = TokenSharding(gm, fake_mode)
+        sharding = TokenSharding(gm, fake_mode, self.decompositions)
         extra: list[torch.Tensor] = []
         for producer in ("flashcomm2", "reduce_scatter"):
             for p in plans:
@@ -241,10 +242,10 @@ class TPBackend:
                 shape = self._shape(sharding, site, rows)
                 if p.fuse and not p.any_bias:
                     fn, how = mm_reduce_scatter_impl(val(mm.x).device.type, n, g)
-                    twin = splice(gm.graph, lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before, fake_mode)
+                    twin = sharding.splice(lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before)
                 else:
                     how = "decomposed mm + reduce_scatter (bias before the reduce)" if p.any_bias else "unfused"
-                    twin = splice(gm.graph, lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm], before, fake_mode)
+                    twin = sharding.splice(lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm], before)
                 for e in p.entries:
                     if e.rewrite == "mm_reduce_scatter":
                         e.details["lowering"] = how
@@ -252,10 +253,8 @@ class TPBackend:
                 partial = site.ar.partial
                 rows = sharding.rows_of(partial)
                 shape = sharding.shape_of(partial)
-                twin = splice(
-                    gm.graph,
-                    lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n),
-                    [partial], before, fake_mode,
+                twin = sharding.splice(
+                    lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n), [partial], before
                 )
         sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
 
@@ -274,7 +273,7 @@ class TPBackend:
         with gm.graph.inserting_before(before):
             rows = sharding.size(mm.x, 0)
             shape = self._shape(sharding, site, rows)
-        twin = splice(gm.graph, produce, [mm.x, w_node] + ([b_node] if b_node is not None else []), before, fake_mode)
+        twin = sharding.splice(produce, [mm.x, w_node] + ([b_node] if b_node is not None else []), before)
         sharding.add(before, Sharded(twin, g, site.n, site.j, rows, shape))
         for e in p.entries:
             e.details.update(weight_bytes_before=weight_bytes_before,
@@ -357,12 +356,12 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
 
     config = TPConfig.resolve(options)
     input_names = _source_names(gm)
-    tp = TPBackend(config, list(example_inputs), input_names)
     decomps = None
     if config.inner == "inductor":
         from torch._inductor.decomposition import select_decomp_table
 
         decomps = select_decomp_table()
+    tp = TPBackend(config, list(example_inputs), input_names, decomps)
 
     def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
         graph_id = next(_graph_ids)

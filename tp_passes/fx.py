@@ -137,10 +137,13 @@ def splice(
     args: Sequence[fx.Node | None],
     before: fx.Node,
     fake_mode: Any,
+    decompositions: dict | None = None,
 ) -> fx.Node:
     """Trace ``fn(*tensors)`` on the args' fake values and insert it before `before`.
 
-    `None` args are passed through as None. Returns the node of fn's result.
+    `None` args are passed through as None. `decompositions` must be the table the rest
+    of the graph was traced with (Inductor rejects ops it decomposes, e.g. `aten.t`).
+    Returns the node of fn's result.
     """
     fake_args = [val(a) if isinstance(a, fx.Node) else a for a in args]
     node_args = [a for a in args if isinstance(a, fx.Node)]
@@ -150,7 +153,7 @@ def splice(
         return fn(*[next(it) if isinstance(a, fx.Node) else a for a in args])
 
     with fake_mode:
-        traced = make_fx(only_tensors, tracing_mode="real")(
+        traced = make_fx(only_tensors, decompositions, tracing_mode="real")(
             *[v for a, v in zip(args, fake_args) if isinstance(a, fx.Node)]
         )
     env: dict[fx.Node, fx.Node] = {}

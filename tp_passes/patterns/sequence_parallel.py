@@ -73,8 +73,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class TokenSharding:
-    def __init__(self, gm: fx.GraphModule, fake_mode: Any) -> None:
+    def __init__(self, gm: fx.GraphModule, fake_mode: Any, decompositions: dict | None = None) -> None:
         self.gm, self.graph, self.fake_mode = gm, gm.graph, fake_mode
+        self.decompositions = decompositions
         self.sharded: dict[fx.Node, Sharded] = {}
         self._full: dict[fx.Node, fx.Node] = {}
         self._gathered: dict[fx.Node, fx.Node] = {}
@@ -102,6 +103,9 @@ class TokenSharding:
 
     def shape_of(self, node: fx.Node) -> list[Any]:
         return [self.size(node, d) for d in range(val(node).dim())]
+
+    def splice(self, fn: Any, args: list, before: fx.Node) -> fx.Node:
+        return splice(self.graph, fn, args, before, self.fake_mode, self.decompositions)
 
     # -- producers register here ------------------------------------------------------
     def add(self, original: fx.Node, value: Sharded) -> None:
@@ -174,7 +178,7 @@ class TokenSharding:
                 return self.emit(aten.view.default, (arg, [v.shape[-1]]))
         tokens = val(ref_node).shape[:-1]
         if v.dim() == len(tokens) + 1 and all(_same(a, b) for a, b in zip(v.shape[:-1], tokens)):
-            return splice(self.graph, lambda t: comm.shard_rows(t, ref.n, ref.j), [arg], before, self.fake_mode)
+            return self.splice(lambda t: comm.shard_rows(t, ref.n, ref.j), [arg], before)
         raise _NotRowWise
 
     def _row_wise(self, node: fx.Node) -> Sharded | None:
