@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from tp_passes import comm, weights
+from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
 from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
 from tp_passes.groups import RankLayout, init_groups
@@ -369,12 +369,14 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         dumper = Dumper(config.dump, config.dump_dir, graph_id)
         dumper.graph("aten", aten_gm)
         extra: list[torch.Tensor] = []
+        report.wire_bytes_before = wire.total(wire.collective_bytes(aten_gm))
         if dist.is_available() and dist.is_initialized():
             plans, extra = tp.rewrite(aten_gm, inputs, dumper)
             report.entries = [e for p in plans for e in p.entries]
         fake_mode = detect_fake_mode(inputs)
         compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
         report.collectives = _collective_counts(aten_gm)
+        report.wire_bytes_after = wire.total(wire.collective_bytes(aten_gm))
         compiled = _inner(config, aten_gm, compile_inputs)
         dumper.graph("final", aten_gm)
         dumper.report(report)

@@ -1,6 +1,6 @@
-"""CPU demo: spawn gloo ranks, build the groups a config needs, and show them.
+"""CPU demo: spawn gloo ranks, show the groups, compile a TP Llama with each rewrite.
 
-    python -m tp_passes.demo [--world 4]
+    python -m tp_passes.demo [--world 4] [--tokens 37]
 """
 
 from __future__ import annotations
@@ -37,11 +37,59 @@ def show_groups(world: int) -> None:
         print(f"  {name:9s} {[list(g) for g in seen]}  all_reduce(1) = {sorted(sums)}")
 
 
+BACKEND_CASES = {
+    "sequence_parallel (defaults)": {},
+    "flashcomm2=1": {"flashcomm2": 1, "sequence_parallel": False},
+    "flashcomm2=1 + SP": {"flashcomm2": 1},
+    "flashcomm2=2 + SP": {"flashcomm2": 2},
+}
+
+
+def _compile_on_rank(rank: int, world: int, tokens: int, cases: dict) -> list[dict]:
+    from tp_passes.backend import tp_passes_backend
+    from tp_passes.models import ModelConfig, TPLlama
+    from tp_passes.report import all_reports
+
+    out = []
+    ids = torch.randint(0, 96, (tokens,), generator=torch.Generator().manual_seed(0))
+    for name, opts in cases.items():
+        torch._dynamo.reset()
+        model = TPLlama(ModelConfig(layers=4, o_proj_bias=True), dist.group.WORLD)
+        with torch.no_grad():
+            ref = model(ids)
+            got = torch.compile(model, backend=tp_passes_backend, options=dict(opts, inner="eager"))(ids)
+        rep = all_reports()[-1]
+        applied: dict[str, int] = {}
+        for e in rep.entries:
+            if e.applied:
+                applied[e.rewrite] = applied.get(e.rewrite, 0) + 1
+        out.append({
+            "case": name, "applied": applied, "collectives": rep.collectives,
+            "bytes_before": rep.wire_bytes_before, "bytes_after": rep.wire_bytes_after,
+            "max_abs_diff": (got - ref).abs().max().item(),
+        })
+    return out
+
+
+def show_backend(world: int, tokens: int) -> None:
+    print(f"\n== torch.compile(backend='tp_passes') on a 4-layer TP Llama, TP={world}, T={tokens} tokens")
+    per_rank = run_ranks(_compile_on_rank, world, tokens, BACKEND_CASES, timeout=600)
+    print(f"  {'case':28s} {'rewrites applied':52s} {'bytes/rank before -> after':28s} max|diff| (worst rank)")
+    for i, row in enumerate(per_rank[0]):
+        diff = max(r[i]["max_abs_diff"] for r in per_rank)
+        applied = ", ".join(f"{k} x{v}" for k, v in sorted(row["applied"].items()))
+        moved = f"{row['bytes_before']:,} -> {row['bytes_after']:,}"
+        print(f"  {row['case']:28s} {applied:52s} {moved:28s} {diff:.2e}")
+        print(f"  {'':28s} collectives: {row['collectives']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=37)
     args = parser.parse_args(argv)
     show_groups(args.world)
+    show_backend(args.world, args.tokens)
 
 
 if __name__ == "__main__":

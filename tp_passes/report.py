@@ -29,6 +29,8 @@ class GraphReport:
     rank: int
     entries: list[Entry] = field(default_factory=list)
     collectives: dict[str, int] = field(default_factory=dict)  # final graph: op -> count
+    wire_bytes_before: int = 0  # per rank per call, from the graph's collectives
+    wire_bytes_after: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -36,6 +38,7 @@ class GraphReport:
             "rank": self.rank,
             "entries": [asdict(e) for e in self.entries],
             "collectives": self.collectives,
+            "wire_bytes_per_rank": {"before": self.wire_bytes_before, "after": self.wire_bytes_after},
         }
 
     def summary(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -51,8 +52,8 @@ def _rank_main(
         out = fn(rank, world_size, *args)
         results.put((rank, "ok", out))
     except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-        raise
+        results.put((rank, "error", traceback.format_exc()))  # the parent raises it
+        sys.exit(1)
     finally:
         try:
             from tp_passes.groups.registry import destroy_groups

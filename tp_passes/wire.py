@@ -1,0 +1,57 @@
+"""Bytes on the wire per rank, counted from a graph's collectives.
+
+Ring algorithms' per-rank traffic for a group of n and a tensor of S bytes:
+all-reduce 2(n-1)/n*S, reduce-scatter (n-1)/n*S_in, all-gather (n-1)/n*S_out,
+all-to-all (n-1)/n*S. These are also the analytic minimums the benchmarks compare to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from tp_passes.fx import c10d, val
+
+
+def _hint(s: Any) -> int:
+    """A size as an int: symbolic sizes by the value they were traced with."""
+    if isinstance(s, int):
+        return s
+    return int(s.node.hint) if s.node.hint is not None else int(s.node.shape_env.size_hint(s.node.expr))
+
+
+def _nbytes(t: Any) -> int:
+    numel = 1
+    for s in t.shape:
+        numel *= _hint(s)
+    return numel * t.element_size()
+
+
+def collective_bytes(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """One row per collective node: op, group size n, bytes sent per rank."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if t == c10d.all_reduce.default:
+            n = _resolve_process_group(node.args[2]).size()
+            s = _nbytes(val(node.args[0]))
+            rows.append({"op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n})
+        elif t == c10d.reduce_scatter_tensor.default:
+            n = node.args[2]
+            rows.append({"op": "reduce_scatter", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n})
+        elif t == c10d.all_gather_into_tensor.default:
+            n = node.args[1]
+            rows.append({"op": "all_gather", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0]))})
+        elif t == c10d.all_to_all_single.default:
+            n = _resolve_process_group(node.args[3]).size()
+            rows.append({"op": "all_to_all", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n})
+    return rows
+
+
+def total(rows: list[dict[str, Any]]) -> int:
+    return sum(r["bytes"] for r in rows)
