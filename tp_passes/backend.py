@@ -14,6 +14,7 @@ extra graph inputs by a small runtime wrapper.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,8 +371,11 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         dumper.graph("aten", aten_gm)
         extra: list[torch.Tensor] = []
         report.wire_bytes_before = wire.total(wire.collective_bytes(aten_gm))
+        report.nodes = len(aten_gm.graph.nodes)
         if dist.is_available() and dist.is_initialized():
+            t0 = time.perf_counter()
             plans, extra = tp.rewrite(aten_gm, inputs, dumper)
+            report.rewrite_ms = (time.perf_counter() - t0) * 1e3
             report.entries = [e for p in plans for e in p.entries]
         fake_mode = detect_fake_mode(inputs)
         compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in extra]

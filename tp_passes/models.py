@@ -30,6 +30,7 @@ class ModelConfig:
     eps: float = 1e-6
     o_proj_bias: bool = False
     seed: int = 0
+    inplace_all_reduce: bool = False  # dist.all_reduce(x) instead of funcol.all_reduce
 
 
 def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
@@ -37,13 +38,17 @@ def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
 
 
 class TPContext:
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, inplace: bool = False) -> None:
         self.group = group
+        self.inplace = inplace
         self.n = dist.get_world_size(group) if group is not None else 1
         self.j = dist.get_rank(group) if group is not None else 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.n == 1:
+            return x
+        if self.inplace:
+            dist.all_reduce(x, group=self.group)
             return x
         return funcol.all_reduce(x, "sum", self.group)
 
@@ -153,7 +158,7 @@ class TPLlama(nn.Module):
 
     def __init__(self, c: ModelConfig, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        tp = TPContext(group)
+        tp = TPContext(group, c.inplace_all_reduce)
         g = torch.Generator().manual_seed(c.seed)
         self.embed_tokens = VocabParallelEmbedding(torch.randn(c.vocab, c.hidden, generator=g), tp)
         self.layers = nn.ModuleList(DecoderLayer(c, tp, g) for _ in range(c.layers))

@@ -31,6 +31,8 @@ class GraphReport:
     collectives: dict[str, int] = field(default_factory=dict)  # final graph: op -> count
     wire_bytes_before: int = 0  # per rank per call, from the graph's collectives
     wire_bytes_after: int = 0
+    nodes: int = 0  # ATen graph nodes seen by the rewrites
+    rewrite_ms: float = 0.0  # time spent matching, planning and rewriting
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +41,8 @@ class GraphReport:
             "entries": [asdict(e) for e in self.entries],
             "collectives": self.collectives,
             "wire_bytes_per_rank": {"before": self.wire_bytes_before, "after": self.wire_bytes_after},
+            "nodes": self.nodes,
+            "rewrite_ms": self.rewrite_ms,
         }
 
     def summary(self) -> str:

@@ -1,0 +1,1 @@
+"""vLLM integration (plugin and vLLM graph dialects)."""
