@@ -17,5 +17,5 @@ def test_compile_cost_bench_writes_json(tmp_path):
         (row,) = rows
         assert row["layers"] == 8 and row["aten_nodes"] > 0
         assert 0 < row["rewrite_share_of_compile"] < 1
-        assert row["rewrite_ms_per_1000_nodes"] == round(1000 * row["rewrite_ms"] / row["aten_nodes"], 2)
+        assert abs(row["rewrite_ms_per_1000_nodes"] - 1000 * row["rewrite_ms"] / row["aten_nodes"]) < 0.1
         assert row["rewrites_applied"] > 0

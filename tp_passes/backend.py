@@ -27,9 +27,9 @@ from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
 from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
 from tp_passes.groups import RankLayout, init_groups
-from tp_passes.groups.registry import ensure_partition, registry_or_none
+from tp_passes.groups.registry import agree_across_ranks, ensure_partition, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
-from tp_passes.patterns.flashcomm2 import FlashComm2Groups, is_o_proj
+from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error, is_o_proj
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
 from tp_passes.report import Dumper, Entry, GraphReport, rank, record
 
@@ -133,18 +133,8 @@ class TPBackend:
         """Check the plan's inputs are equal on all ranks; return any-rank-has-bias per site."""
         local = [s.matmul is not None and s.matmul.bias is not None for s in sites]
         invariant = {"config": self.config.to_dict(), "sites": [s.invariant() for s in sites]}
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (check_digest(invariant), local))
-        digests = {d for d, _ in gathered}
-        if len(digests) > 1:
-            by = {}
-            for r, (d, _) in enumerate(gathered):
-                by.setdefault(d[:8], []).append(r)
-            raise RuntimeError(
-                "tp_passes: the rewrite plan differs across ranks (config or matched graph; "
-                f"ranks by plan fingerprint: {by}); refusing to compile a graph that would hang"
-            )
-        return [any(g[1][i] for g in gathered) for i in range(len(sites))]
+        biases = agree_across_ranks(invariant, "the rewrite plan (config or matched graph)", local)
+        return [any(b[i] for b in biases) for i in range(len(sites))]
 
     def plan(self, sites: list[Site], any_bias: list[bool]) -> list[Plan]:
         cfg = self.config
@@ -183,9 +173,9 @@ class TPBackend:
         return plans
 
     def _flashcomm2_blocker(self, site: Site) -> str:
-        m = self.config.flashcomm2
-        if site.n % m or m >= site.n and m != 1:
-            return f"flashcomm2={m} must divide the TP size n={site.n} and be smaller than it"
+        why = flashcomm2_size_error(self.config.flashcomm2, site.n)
+        if why:
+            return why
         if site.weight_index is None:
             return "o_proj weight is not a graph input (cannot gather it)"
         if len(site.matmul.weight.users) != 1:
@@ -210,11 +200,14 @@ class TPBackend:
             )
         sharding = TokenSharding(gm, fake_mode, self.decompositions)
         extra: list[torch.Tensor] = []
-        for producer in ("flashcomm2", "reduce_scatter"):
-            for p in plans:
-                if p.producer == producer:
-                    getattr(self, f"_produce_{producer}")(gm, sharding, p, extra, fake_mode)
-            dumper.graph(f"after_{producer}", gm)
+        for p in plans:
+            if p.producer == "flashcomm2":
+                self._produce_flashcomm2(gm, sharding, p, extra, fake_mode)
+        dumper.graph("after_flashcomm2", gm)
+        for p in plans:
+            if p.producer == "reduce_scatter":
+                self._produce_reduce_scatter(sharding, p)
+        dumper.graph("after_reduce_scatter", gm)
         sp = self.config.sequence_parallel in (True, "auto")
         n_sharded = sharding.run(propagate=sp)
         for p in plans:
@@ -232,12 +225,12 @@ class TPBackend:
             return list(partial.args[1])  # the view back to [B, S, H]
         return [rows, val(partial).shape[-1]]
 
-    def _produce_reduce_scatter(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode) -> None:
+    def _produce_reduce_scatter(self, sharding: TokenSharding, p: Plan) -> None:
         site = p.site
         g, n = site.ar.group_name, site.n
         before = site.ar.result
         mm = site.matmul
-        with gm.graph.inserting_before(before):
+        with sharding.graph.inserting_before(before):
             if mm is not None:
                 rows = sharding.size(mm.x, 0)
                 shape = self._shape(sharding, site, rows)
@@ -324,12 +317,6 @@ class TPBackend:
         node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
         extra.append(tensor)
         return node
-
-
-def check_digest(obj: Any) -> str:
-    from tp_passes.groups.registry import _fingerprint
-
-    return _fingerprint(obj)
 
 
 def _inner(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):

@@ -29,7 +29,7 @@ from tp_passes.config import TPConfig
 from tp_passes.groups import RankLayout
 from tp_passes.groups.registry import ensure_partition, init_groups, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
-from tp_passes.patterns.flashcomm2 import is_o_proj
+from tp_passes.patterns.flashcomm2 import flashcomm2_size_error, is_o_proj
 from tp_passes.report import Entry
 
 
@@ -117,8 +117,9 @@ def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu")
         n = dist.get_world_size(rp.group)
         m = config.flashcomm2
         if m and is_o_proj(name):
-            if n % m or (m >= n and m != 1):
-                entry = Entry("flashcomm2", name, False, f"flashcomm2={m} must divide the TP size n={n} and be smaller than it", n, blocked=True)
+            why = flashcomm2_size_error(m, n)
+            if why:
+                entry = Entry("flashcomm2", name, False, why, n, blocked=True)
                 if config.strict:
                     raise RuntimeError(f"tp_passes (strict): {entry.rewrite} at {name}: {entry.reason}")
                 entries.append(entry)

@@ -68,19 +68,22 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_same_on_all_ranks(value: Any, what: str, group: Any = None) -> None:
-    """Raise on every rank if `value` differs across `group` (one small all_gather)."""
-    digest = _fingerprint(value)
+def agree_across_ranks(value: Any, what: str, payload: Any = None, group: Any = None) -> list[Any]:
+    """Raise on every rank if `value` differs across `group`; return every rank's `payload`.
+
+    One all_gather_object; call it before any collective whose shape depends on `value`.
+    """
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (dist.get_rank(), digest), group=group)
-    if len({d for _, d in gathered}) > 1:
+    dist.all_gather_object(gathered, (_fingerprint(value), payload), group=group)
+    if len({d for d, _ in gathered}) > 1:
         by_digest: dict[str, list[int]] = {}
-        for rank, d in gathered:
+        for rank, (d, _) in enumerate(gathered):
             by_digest.setdefault(d[:8], []).append(rank)
         raise RuntimeError(
             f"tp_passes: {what} differs across ranks (ranks by fingerprint: {by_digest}); "
             "every rank must pass the same value or collectives would hang"
         )
+    return [p for _, p in gathered]
 
 
 @dataclass
@@ -130,9 +133,7 @@ def init_groups(
             f"torch.distributed world size is {world} (rank {rank})"
         )
     plan = required_groups(config, layout)  # validates sizes before any collective
-    check_same_on_all_ranks(
-        {"layout": repr(layout), "plan": plan}, "init_groups(config, layout)"
-    )
+    agree_across_ranks({"layout": repr(layout), "plan": plan}, "init_groups(config, layout)")
     if _REGISTRY is not None and _REGISTRY.layout != layout:
         raise ValueError(
             f"tp_passes.init_groups: groups already exist for {_REGISTRY.layout}; call "

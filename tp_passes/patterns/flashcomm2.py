@@ -28,6 +28,13 @@ def is_o_proj(module: str) -> bool:
     return last in O_PROJ_NAMES or module.endswith("attention.dense")
 
 
+def flashcomm2_size_error(m: int, n: int) -> str:
+    """Why flashcomm2=m cannot run on a TP group of n ranks ('' if it can)."""
+    if n % m or (m >= n and m != 1):
+        return f"flashcomm2={m} must divide the TP size n={n} and be smaller than it"
+    return ""
+
+
 @dataclass(frozen=True)
 class FlashComm2Groups:
     otp: str  # group names for functional collectives

@@ -69,7 +69,10 @@ class Sharded:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return statically_known_true(a == b) if not (isinstance(a, int) and isinstance(b, int)) else a == b
+    """Sizes known equal without adding a guard (symbolic sizes compare by expression)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
 
 
 class TokenSharding:
