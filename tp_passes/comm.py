@@ -81,3 +81,72 @@ def flashcomm2_rows(
     if m > 1:
         y = funcol.reduce_scatter_single(y, "sum", 0, otp_group)
     return y
+
+
+# -- module TP across data-parallel ranks (every rank brings its own T tokens) -------------
+# k = group size, j = my index. All ranks of the group must bring the same T (the eager
+# path pads to the group maximum first; see `pad_to_group_max`).
+
+
+def oproj_dp(x: torch.Tensor, w_j: torch.Tensor, group: str, k: int) -> torch.Tensor:
+    """x[T, A] @ W.T with W sharded by input columns: w_j = W[:, chunk j] ([H, A/k]).
+
+    all_to_all sends column chunk c of my tokens to rank c, so rank j holds chunk j of
+    every rank's tokens ([kT, A/k]); reduce_scatter sums the k column chunks and returns
+    each rank its own tokens.
+    """
+    x = F.pad(x, (0, (-x.shape[1]) % k))  # A not divisible by k: zero columns (w_j padded too)
+    t, a = x.shape
+    send = x.reshape(t, k, a // k).transpose(0, 1).reshape(k * t, a // k)
+    X = funcol.all_to_all_single(send, None, None, group)
+    return funcol.reduce_scatter_single(linear(X, w_j), "sum", 0, group)
+
+
+def embedding_dp(ids: torch.Tensor, w_j: torch.Tensor, j: int, group: str, k: int) -> torch.Tensor:
+    """W[ids] with W sharded by rows: w_j = rows [j*V/k, (j+1)*V/k) (vocab padded to k)."""
+    all_ids = funcol.all_gather_single(ids.reshape(-1), 0, group)
+    rows = w_j.shape[0]
+    local = all_ids - j * rows
+    outside = (local < 0) | (local >= rows)
+    e = F.embedding(local.masked_fill(outside, 0), w_j).masked_fill(outside.unsqueeze(-1), 0.0)
+    return funcol.reduce_scatter_single(e, "sum", 0, group)
+
+
+def lmhead_dp(h: torch.Tensor, w_j: torch.Tensor, group: str, k: int, vocab: int) -> torch.Tensor:
+    """h[T, H] @ W.T with W sharded by rows (vocab): gather tokens, compute my vocab slice
+    for all of them, all_to_all back so each rank has all vocab slices of its tokens."""
+    t = h.shape[0]
+    logits = linear(funcol.all_gather_single(h, 0, group), w_j)  # [kT, V/k]
+    mine = funcol.all_to_all_single(logits, None, None, group)  # [k(source j'), T, V/k]
+    return mine.reshape(k, t, -1).transpose(0, 1).reshape(t, -1)[:, :vocab]
+
+
+def mlp_dp(
+    x: torch.Tensor, gate_j: torch.Tensor, up_j: torch.Tensor, down_j: torch.Tensor,
+    group: str, k: int, act=F.silu,
+) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) with gate/up sharded by rows and down by columns."""
+    xs = funcol.all_gather_single(x, 0, group)  # [kT, H]
+    hmid = act(linear(xs, gate_j)) * linear(xs, up_j)  # [kT, I/k]
+    return funcol.reduce_scatter_single(linear(hmid, down_j), "sum", 0, group)
+
+
+def shard_padded(w: torch.Tensor, dim: int, k: int, j: int) -> torch.Tensor:
+    """Chunk j of `w` along `dim` after zero-padding that dim to a multiple of k."""
+    pad = (-w.shape[dim]) % k
+    if pad:
+        widths = [0, 0] * (w.dim() - 1 - dim) + [0, pad]
+        w = F.pad(w, widths)
+    return w.chunk(k, dim=dim)[j].clone(memory_format=torch.contiguous_format)  # own storage
+
+
+def pad_to_group_max(x: torch.Tensor, group: str, k: int) -> tuple[torch.Tensor, int]:
+    """Pad dim 0 to the largest T in the group (one small all_gather); return (x, max T).
+
+    Module TP over DP exchanges tokens between ranks that serve different requests, so
+    their T may differ; padding instead of assuming equal T is what keeps them from
+    hanging (vllm-ascend #10586).
+    """
+    sizes = funcol.all_gather_single(torch.tensor([x.shape[0]], dtype=torch.int64), 0, group)
+    t_max = int(sizes.max())
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, t_max - x.shape[0])), t_max

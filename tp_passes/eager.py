@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tp_passes import comm, weights
 from tp_passes.config import TPConfig
@@ -30,6 +31,7 @@ from tp_passes.groups import RankLayout
 from tp_passes.groups.registry import ensure_partition, init_groups, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.flashcomm2 import flashcomm2_size_error, is_o_proj
+from tp_passes.patterns.module_tp import EMBEDDING, LM_HEAD, O_PROJ, matches
 from tp_passes.report import Entry
 
 
@@ -101,17 +103,116 @@ def _flashcomm2_forward(rp: RowParallel, m: int, release: bool):
     return forward, w_block
 
 
+# -- module TP across DP ranks ------------------------------------------------------------
+
+
+def _module_group(k: int) -> tuple[str, int]:
+    """(group name, my index) of my module TP group of size k (pure DP unless
+    `init_groups` set another layout)."""
+    reg = registry_or_none()
+    if reg is None:
+        world = dist.get_world_size()
+        reg = init_groups(TPConfig(), RankLayout(world, dp=world))
+    g = ensure_partition(reg, f"module_tp_{k}", reg.layout.module_tp_groups(k))
+    return g.group_name, dist.get_rank(g.pg)
+
+
+def _shard(w: torch.Tensor, dim: int, k: int, j: int) -> torch.Tensor:
+    """One shard per parameter (tied weights share it), cached on the parameter."""
+    cache = getattr(w, weights.ATTR, {})
+    key = ("shard", dim, k, j)
+    if key not in cache:
+        cache = {**cache, key: comm.shard_padded(w.detach(), dim, k, j)}
+        setattr(w, weights.ATTR, cache)
+    return cache[key]
+
+
+def _tokens_first(fn, g: str, k: int):
+    """Wrap fn(x2d) -> [T', F]: flatten leading dims, pad T to the group max, unpad."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+        xp, _ = comm.pad_to_group_max(x2, g, k)
+        out = fn(xp)[: x2.shape[0]]
+        lead = x.shape[:-1] if x.dim() > 1 else x.shape
+        return out.reshape(*lead, out.shape[-1])
+
+    return run
+
+
+def _oproj_forward(w: torch.Tensor, bias: torch.Tensor | None, k: int):
+    g, j = _module_group(k)
+    w_j = _shard(w, 1, k, j)  # input columns chunk j
+    return _tokens_first(lambda x: comm.oproj_dp(x, w_j, g, k) + (0 if bias is None else bias), g, k)
+
+
+def _embedding_forward(w: torch.Tensor, k: int):
+    g, j = _module_group(k)
+    w_j = _shard(w, 0, k, j)  # vocab rows chunk j (padded)
+    run = _tokens_first(lambda ids: comm.embedding_dp(ids, w_j, j, g, k), g, k)
+    return lambda ids: run(ids.unsqueeze(-1)).reshape(*ids.shape, -1)
+
+
+def _lmhead_forward(w: torch.Tensor, k: int):
+    g, j = _module_group(k)
+    w_j, vocab = _shard(w, 0, k, j), w.shape[0]  # same shard as a tied embedding
+    return _tokens_first(lambda h: comm.lmhead_dp(h, w_j, g, k, vocab), g, k)
+
+
+def _mlp_forward(gate_up: torch.Tensor, down: torch.Tensor, act, k: int):
+    g, j = _module_group(k)
+    gate, up = gate_up.detach().chunk(2)  # shard each half, never the merged rows
+    gate_j, up_j = comm.shard_padded(gate, 0, k, j), comm.shard_padded(up, 0, k, j)
+    down_j = _shard(down, 1, k, j)
+    return _tokens_first(lambda x: comm.mlp_dp(x, gate_j, up_j, down_j, g, k, act), g, k)
+
+
+def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[torch.Tensor]]:
+    """Apply oproj/embedding/lmhead/mlp TP to modules; return entries and the full weights."""
+    entries: list[Entry] = []
+    full: list[torch.Tensor] = []
+    named = dict(model.named_modules())
+
+    def rewrite(path: str, module: nn.Module, kind: str, k: int, fwd, used: list[torch.Tensor]) -> None:
+        module.forward = types.MethodType(lambda self, x: fwd(x), module)
+        before = sum(w.numel() * w.element_size() for w in used)
+        entries.append(Entry(kind, path, True, "", k, {"weight_bytes_before": before,
+                                                       "weight_bytes_after_approx": before // k}))
+        full.extend(used)
+
+    for path, module in named.items():
+        w = getattr(module, "weight", None)
+        if config.oproj_tp and matches(path, O_PROJ) and isinstance(w, torch.Tensor):
+            k = config.oproj_tp
+            rewrite(path, module, "oproj_tp", k, _oproj_forward(w, getattr(module, "bias", None), k), [w])
+        elif config.embedding_tp and matches(path, EMBEDDING) and isinstance(w, torch.Tensor):
+            k = config.embedding_tp
+            rewrite(path, module, "embedding_tp", k, _embedding_forward(w, k), [w])
+        elif config.lmhead_tp and matches(path, LM_HEAD) and isinstance(w, torch.Tensor):
+            k = config.lmhead_tp
+            rewrite(path, module, "lmhead_tp", k, _lmhead_forward(w, k), [w])
+        elif config.mlp_tp and hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
+            k = config.mlp_tp
+            gu, down = module.gate_up_proj.weight, module.down_proj.weight
+            rewrite(path, module, "mlp_tp", k, _mlp_forward(gu, down, getattr(module, "act_fn", F.silu), k), [gu, down])
+    return entries, full
+
+
 def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu") -> list[dict]:
     """Rewrite `model`'s row-parallel linears in place; return one report entry per match.
 
     Collective (FlashComm2 gathers weights): call on every rank with the same model and
     config.
     """
-    entries: list[Entry] = []
+    entries, full_weights = _module_tp(model, config) if config.module_tp_sizes() else ([], [])
+    if config.release_weights:
+        for w in {id(w): w for w in full_weights}.values():  # tied weights: free once
+            weights.release(w)
     sp = config.sequence_parallel in (True, "auto")
     fuse = config.fuse_mm_reduce_scatter in (True, "auto")
+    rewritten = {e.module for e in entries}
     for name, module in model.named_modules():
-        rp = as_row_parallel(module)
+        rp = as_row_parallel(module) if name not in rewritten else None
         if rp is None:
             continue
         n = dist.get_world_size(rp.group)

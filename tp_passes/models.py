@@ -31,6 +31,7 @@ class ModelConfig:
     o_proj_bias: bool = False
     seed: int = 0
     inplace_all_reduce: bool = False  # dist.all_reduce(x) instead of funcol.all_reduce
+    tie_embeddings: bool = False  # lm_head.weight is embed_tokens.weight
 
 
 def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
@@ -167,6 +168,8 @@ class TPLlama(nn.Module):
         with torch.no_grad():
             self.lm_head.weight.copy_(c.hidden**-0.5 * torch.randn(c.vocab, c.hidden, generator=g))
         self.lm_head.weight.requires_grad_(False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(ids)

@@ -18,7 +18,7 @@ import torch.distributed._functional_collectives as funcol
 # Derived tensors live on the parameter object itself, so their lifetime is the
 # parameter's and a hit or miss never depends on object ids (a rank that missed would
 # issue a collective the others skip).
-_ATTR = "_tp_passes_derived"
+ATTR = "_tp_passes_derived"
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _gather(t: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
 
 def materialize(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | None = None) -> torch.Tensor:
     """The derived tensor; `source` None means "this rank contributes zeros like `like`"."""
-    cached = getattr(source, _ATTR, {}) if source is not None else {}
+    cached = getattr(source, ATTR, {}) if source is not None else {}
     if spec.key() in cached:
         return cached[spec.key()]
     with torch.no_grad():
@@ -52,7 +52,7 @@ def materialize(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tenso
             dist.all_reduce(out, group=spec.group)
             out = out.to(src.dtype)
     if source is not None:
-        setattr(source, _ATTR, {**cached, spec.key(): out})
+        setattr(source, ATTR, {**cached, spec.key(): out})
     return out
 
 

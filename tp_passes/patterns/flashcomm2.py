@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-O_PROJ_NAMES = ("o_proj", "out_proj", "wo")
+from tp_passes.patterns.module_tp import O_PROJ, matches
 
 
 def is_o_proj(module: str) -> bool:
-    last = module.rsplit(".", 1)[-1]
-    return last in O_PROJ_NAMES or module.endswith("attention.dense")
+    return matches(module, O_PROJ)
 
 
 def flashcomm2_size_error(m: int, n: int) -> str:

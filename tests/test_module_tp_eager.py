@@ -1,0 +1,57 @@
+"""Module TP across DP ranks, eager path: parallelize() on a pure-DP model, every rank
+serving its own (uneven) tokens, against the unmodified model."""
+
+import pytest
+import torch
+
+import tp_passes
+from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing import run_ranks
+
+ALL = {"oproj_tp": 2, "embedding_tp": 2, "lmhead_tp": 2, "mlp_tp": 2}
+
+
+def _eager(rank, world, sizes, shapes, dtype, model_kwargs, release):
+    cfg = ModelConfig(vocab=37, intermediate=26, layers=2, **model_kwargs)  # 37 % k != 0
+    ids = torch.randint(0, cfg.vocab, shapes[rank], generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        ref = TPLlama(cfg, None).to(dtype)(ids)  # pure DP: no TP group, all weights local
+        model = TPLlama(cfg, None).to(dtype)
+        params_before = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
+        entries = tp_passes.parallelize(model, tp_passes.TPConfig(release_weights=release, **sizes))
+        got = model(ids)
+    rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    freed = sorted({e["module"] for e in entries})
+    empty = [n for n, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
+    return rel, sorted(e["rewrite"] for e in entries), freed, empty, params_before
+
+
+@pytest.mark.parametrize("world, k", [(2, 2), (4, 4), (4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_four_rewrites_uneven_tokens(world, k, dtype):
+    sizes = {name: k for name in ALL}
+    shapes = [(1,), (7,), (5,), (9,)][:world]  # different T on every rank of a group
+    res = run_ranks(_eager, world, sizes, shapes, dtype, {}, False, timeout=300)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for rel, rewrites, *_ in res:
+        assert rel <= tol, rel
+        assert rewrites == ["embedding_tp", "lmhead_tp", "mlp_tp", "mlp_tp", "oproj_tp", "oproj_tp"]
+
+
+def test_hf_style_3d_tied_embeddings_biased_o_proj():
+    shapes = [(2, 5), (3, 4)]
+    res = run_ranks(_eager, 2, ALL, shapes, torch.float32, {"tie_embeddings": True, "o_proj_bias": True}, False)
+    for rel, rewrites, *_ in res:
+        assert rel <= 1e-5
+
+
+def test_release_weights_frees_the_full_weights():
+    res = run_ranks(_eager, 2, ALL, [(4,), (6,)], torch.float32, {}, True)
+    for rel, _, modules, empty, _ in res:
+        assert rel <= 1e-5  # still correct after the full weights are gone
+        assert sorted(empty) == sorted([
+            "embed_tokens.weight", "lm_head.weight",
+            "layers.0.self_attn.o_proj.weight", "layers.1.self_attn.o_proj.weight",
+            "layers.0.mlp.gate_up_proj.weight", "layers.1.mlp.gate_up_proj.weight",
+            "layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight",
+        ])
