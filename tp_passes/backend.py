@@ -27,8 +27,9 @@ from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
 from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
 from tp_passes.groups import RankLayout, init_groups
-from tp_passes.groups.registry import agree_across_ranks, ensure_partition, registry_or_none
+from tp_passes.groups.registry import agree_across_ranks, ensure_partition, module_tp_group, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
+from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error, is_o_proj
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
 from tp_passes.report import Dumper, Entry, GraphReport, rank, record
@@ -56,10 +57,11 @@ class Site:
 @dataclass
 class Plan:
     site: Site
-    producer: str  # "flashcomm2" | "reduce_scatter" | "keep"
+    producer: str  # "flashcomm2" | "reduce_scatter" | "keep" | "module_tp" | "skip"
     fuse: bool = False
     any_bias: bool = False
     entries: list[Entry] = field(default_factory=list)
+    module: ModuleMatch | None = None
 
 
 def _source_names(gm: fx.GraphModule) -> list[str]:
@@ -114,6 +116,7 @@ class TPBackend:
         self.decompositions = decompositions
         self.real_inputs = real_inputs
         self.input_names = input_names
+        self.module_groups: dict[str, Any] = {}  # module TP groups the graph uses
 
     # -- analysis -------------------------------------------------------------------------
     def sites(self, gm: fx.GraphModule) -> list[Site]:
@@ -129,10 +132,14 @@ class TPBackend:
             out.append(Site(ar, mm, module, widx if mm else None, pg.size(), pg.rank()))
         return out
 
-    def agree(self, sites: list[Site]) -> list[bool]:
+    def agree(self, sites: list[Site], modules: list[ModuleMatch]) -> list[bool]:
         """Check the plan's inputs are equal on all ranks; return any-rank-has-bias per site."""
         local = [s.matmul is not None and s.matmul.bias is not None for s in sites]
-        invariant = {"config": self.config.to_dict(), "sites": [s.invariant() for s in sites]}
+        invariant = {
+            "config": self.config.to_dict(),
+            "sites": [s.invariant() for s in sites],
+            "modules": [m.invariant() for m in modules],
+        }
         biases = agree_across_ranks(invariant, "the rewrite plan (config or matched graph)", local)
         return [any(b[i] for b in biases) for i in range(len(sites))]
 
@@ -172,6 +179,53 @@ class TPBackend:
             plans.append(p)
         return plans
 
+    def _module_tp_plans(self, modules: list[ModuleMatch]) -> list[Plan]:
+        plans = []
+        for m in modules:
+            p = Plan(None, "skip" if m.reason else "module_tp", module=m)  # type: ignore[arg-type]
+            ok = not m.reason
+            p.entries.append(Entry(m.kind, m.module, ok, m.reason or
+                                   "needs equal token counts across the group (checked per call with strict=True)",
+                                   m.k, blocked=not ok))
+            plans.append(p)
+        return plans
+
+    def _apply_module_tp(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode, tp: int) -> None:
+        m = p.module
+        names = [self.input_names[self._input_index(gm, w)] for w in m.weights]
+        reals = [self.real_inputs[self._input_index(gm, w)] for w in m.weights]
+        group, shards = outside_compile(self._module_shards, m, reals, tp)
+        g, k, j = group.group_name, m.k, dist.get_rank(group.pg)
+        nodes = [self._bind(gm, t, extra, fake_mode, f"{m.kind}_w{len(extra)}") for t in shards]
+        args = [m.x, *nodes] + ([m.bias] if m.bias is not None else [])
+        if m.kind == "oproj_tp":
+            fn = lambda x, w, b=None: comm.oproj_dp(x, w, g, k) + (0 if b is None else b)  # noqa: E731
+        elif m.kind == "embedding_tp":
+            fn = lambda ids, w: comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)  # noqa: E731
+        elif m.kind == "lmhead_tp":
+            vocab = val(m.weights[0]).shape[0]
+            fn = lambda h, w: comm.lmhead_dp(h, w, g, k, vocab)  # noqa: E731
+        else:
+            fn = lambda x, gu, d: comm.mlp_dp(x, gu, d, g, k)  # noqa: E731
+        out = sharding.splice(fn, args, m.out)
+        m.out.replace_all_uses_with(out)
+        self.module_groups[group.group_name] = group.pg
+        before = sum(t.numel() * t.element_size() for t in reals)
+        p.entries[0].details.update(
+            weights=names, weight_bytes_before=before,
+            weight_bytes_after=sum(t.numel() * t.element_size() for t in shards),
+        )
+        if self.config.release_weights:
+            for t in reals:
+                weights.release(t)
+
+    def _module_shards(self, m: ModuleMatch, reals: list[torch.Tensor], tp: int) -> tuple:
+        group = module_tp_group(m.k, tp)
+        specs = {"oproj_tp": [("shard", 1)], "embedding_tp": [("shard", 0)], "lmhead_tp": [("shard", 0)],
+                 "mlp_tp": [("shard_halves", 0), ("shard", 1)]}[m.kind]
+        shards = [weights.materialize(t, weights.WeightSpec(kind, dim, group.pg)) for t, (kind, dim) in zip(reals, specs)]
+        return group, shards
+
     def _flashcomm2_blocker(self, site: Site) -> str:
         why = flashcomm2_size_error(self.config.flashcomm2, site.n)
         if why:
@@ -188,10 +242,15 @@ class TPBackend:
     def rewrite(self, gm: fx.GraphModule, example_inputs: list[Any], dumper: Dumper) -> tuple[list[Plan], list[Any]]:
         fake_mode = detect_fake_mode(example_inputs)
         sites = self.sites(gm)
-        if not sites:
+        reduced = {s.module for s in sites if s.module}
+        cfg = self.config
+        sizes = {"oproj_tp": cfg.oproj_tp, "embedding_tp": cfg.embedding_tp, "lmhead_tp": cfg.lmhead_tp, "mlp_tp": cfg.mlp_tp}
+        modules = find_module_matches(gm, self.input_names, sizes, reduced)
+        if not sites and not modules:
             return [], []
-        any_bias = outside_compile(self.agree, sites)
+        any_bias = outside_compile(self.agree, sites, modules)
         plans = self.plan(sites, any_bias)
+        plans += self._module_tp_plans(modules)
         blocked = [e for p in plans for e in p.entries if e.blocked]
         if self.config.strict and blocked:  # same on every rank: decided from agreed inputs
             raise RuntimeError(
@@ -200,6 +259,12 @@ class TPBackend:
             )
         sharding = TokenSharding(gm, fake_mode, self.decompositions)
         extra: list[torch.Tensor] = []
+        tp = max((s.n for s in sites), default=1)
+        for p in plans:
+            if p.producer == "module_tp":
+                self._apply_module_tp(gm, sharding, p, extra, fake_mode, tp)
+        if any(p.producer == "module_tp" for p in plans):
+            dumper.graph("after_module_tp", gm)
         for p in plans:
             if p.producer == "flashcomm2":
                 self._produce_flashcomm2(gm, sharding, p, extra, fake_mode)
@@ -372,10 +437,14 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         dumper.graph("final", aten_gm)
         dumper.report(report)
         record(report)
+        check_groups = list(tp.module_groups.values()) if config.strict else []
         if not extra:
             return compiled
 
         def run(args: list[Any]) -> Any:
+            for pg in check_groups:  # module TP exchanges tokens: equal counts or a hang
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                agree_across_ranks(shapes, "input shapes (token counts) across a module TP group", group=pg)
             return compiled(list(args) + extra)
 
         run._boxed_call = True  # type: ignore[attr-defined]

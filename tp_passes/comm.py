@@ -122,10 +122,11 @@ def lmhead_dp(h: torch.Tensor, w_j: torch.Tensor, group: str, k: int, vocab: int
 
 
 def mlp_dp(
-    x: torch.Tensor, gate_j: torch.Tensor, up_j: torch.Tensor, down_j: torch.Tensor,
-    group: str, k: int, act=F.silu,
+    x: torch.Tensor, gate_up_j: torch.Tensor, down_j: torch.Tensor, group: str, k: int, act=F.silu
 ) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) with gate/up sharded by rows and down by columns."""
+    """down(act(gate(x)) * up(x)); gate_up_j = [gate rows chunk j; up rows chunk j] (each
+    half sharded on its own, see `shard_halves`), down_j = down's columns chunk j."""
+    gate_j, up_j = gate_up_j.chunk(2)
     xs = funcol.all_gather_single(x, 0, group)  # [kT, H]
     hmid = act(linear(xs, gate_j)) * linear(xs, up_j)  # [kT, I/k]
     return funcol.reduce_scatter_single(linear(hmid, down_j), "sum", 0, group)
@@ -138,6 +139,12 @@ def shard_padded(w: torch.Tensor, dim: int, k: int, j: int) -> torch.Tensor:
         widths = [0, 0] * (w.dim() - 1 - dim) + [0, pad]
         w = F.pad(w, widths)
     return w.chunk(k, dim=dim)[j].clone(memory_format=torch.contiguous_format)  # own storage
+
+
+def shard_halves(w: torch.Tensor, k: int, j: int) -> torch.Tensor:
+    """A merged [gate; up] weight: shard each half, never the merged rows."""
+    gate, up = w.chunk(2)
+    return torch.cat([shard_padded(gate, 0, k, j), shard_padded(up, 0, k, j)])
 
 
 def pad_to_group_max(x: torch.Tensor, group: str, k: int) -> tuple[torch.Tensor, int]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tp_passes import comm, weights
 from tp_passes.config import TPConfig
 from tp_passes.groups import RankLayout
-from tp_passes.groups.registry import ensure_partition, init_groups, registry_or_none
+from tp_passes.groups.registry import ensure_partition, init_groups, module_tp_group, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.flashcomm2 import flashcomm2_size_error, is_o_proj
 from tp_passes.patterns.module_tp import EMBEDDING, LM_HEAD, O_PROJ, matches
@@ -106,25 +106,10 @@ def _flashcomm2_forward(rp: RowParallel, m: int, release: bool):
 # -- module TP across DP ranks ------------------------------------------------------------
 
 
-def _module_group(k: int) -> tuple[str, int]:
-    """(group name, my index) of my module TP group of size k (pure DP unless
-    `init_groups` set another layout)."""
-    reg = registry_or_none()
-    if reg is None:
-        world = dist.get_world_size()
-        reg = init_groups(TPConfig(), RankLayout(world, dp=world))
-    g = ensure_partition(reg, f"module_tp_{k}", reg.layout.module_tp_groups(k))
-    return g.group_name, dist.get_rank(g.pg)
-
-
-def _shard(w: torch.Tensor, dim: int, k: int, j: int) -> torch.Tensor:
-    """One shard per parameter (tied weights share it), cached on the parameter."""
-    cache = getattr(w, weights.ATTR, {})
-    key = ("shard", dim, k, j)
-    if key not in cache:
-        cache = {**cache, key: comm.shard_padded(w.detach(), dim, k, j)}
-        setattr(w, weights.ATTR, cache)
-    return cache[key]
+def _module_group(k: int) -> tuple[Any, str, int]:
+    """(process group, group name, my index) of my module TP group of size k."""
+    g = module_tp_group(k, tp=1)
+    return g.pg, g.group_name, dist.get_rank(g.pg)
 
 
 def _tokens_first(fn, g: str, k: int):
@@ -141,30 +126,29 @@ def _tokens_first(fn, g: str, k: int):
 
 
 def _oproj_forward(w: torch.Tensor, bias: torch.Tensor | None, k: int):
-    g, j = _module_group(k)
-    w_j = _shard(w, 1, k, j)  # input columns chunk j
+    pg, g, j = _module_group(k)
+    w_j = weights.materialize(w, weights.WeightSpec("shard", 1, pg))  # input columns chunk j
     return _tokens_first(lambda x: comm.oproj_dp(x, w_j, g, k) + (0 if bias is None else bias), g, k)
 
 
 def _embedding_forward(w: torch.Tensor, k: int):
-    g, j = _module_group(k)
-    w_j = _shard(w, 0, k, j)  # vocab rows chunk j (padded)
+    pg, g, j = _module_group(k)
+    w_j = weights.materialize(w, weights.WeightSpec("shard", 0, pg))  # vocab rows chunk j (padded)
     run = _tokens_first(lambda ids: comm.embedding_dp(ids, w_j, j, g, k), g, k)
     return lambda ids: run(ids.unsqueeze(-1)).reshape(*ids.shape, -1)
 
 
 def _lmhead_forward(w: torch.Tensor, k: int):
-    g, j = _module_group(k)
-    w_j, vocab = _shard(w, 0, k, j), w.shape[0]  # same shard as a tied embedding
+    pg, g, j = _module_group(k)
+    w_j, vocab = weights.materialize(w, weights.WeightSpec("shard", 0, pg)), w.shape[0]  # tied: same shard
     return _tokens_first(lambda h: comm.lmhead_dp(h, w_j, g, k, vocab), g, k)
 
 
 def _mlp_forward(gate_up: torch.Tensor, down: torch.Tensor, act, k: int):
-    g, j = _module_group(k)
-    gate, up = gate_up.detach().chunk(2)  # shard each half, never the merged rows
-    gate_j, up_j = comm.shard_padded(gate, 0, k, j), comm.shard_padded(up, 0, k, j)
-    down_j = _shard(down, 1, k, j)
-    return _tokens_first(lambda x: comm.mlp_dp(x, gate_j, up_j, down_j, g, k, act), g, k)
+    pg, g, j = _module_group(k)
+    gate_up_j = weights.materialize(gate_up, weights.WeightSpec("shard_halves", 0, pg))
+    down_j = weights.materialize(down, weights.WeightSpec("shard", 1, pg))
+    return _tokens_first(lambda x: comm.mlp_dp(x, gate_up_j, down_j, g, k, act), g, k)
 
 
 def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[torch.Tensor]]:

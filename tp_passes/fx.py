@@ -106,8 +106,11 @@ _PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]
 
 def path_from_source(source_name: str) -> str:
     """`L['self']._modules['layers']._modules['3']._parameters['weight']` -> `layers.3.weight`."""
-    rest = re.sub(r"^(?:L|G)\['[^']*'\]", "", source_name)
+    root = re.match(r"^(?:L|G)\['([^']*)'\]", source_name)
+    rest = source_name[root.end():] if root else source_name
     parts = [next(g for g in m.groups() if g is not None) for m in _PART.finditer(rest)]
+    if root and root.group(1) != "self" and not parts:
+        return root.group(1)  # a plain input such as L['ids']
     return ".".join(parts)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from tp_passes import comm
+
 # Derived tensors live on the parameter object itself, so their lifetime is the
 # parameter's and a hit or miss never depends on object ids (a rank that missed would
 # issue a collective the others skip).
@@ -23,7 +25,9 @@ ATTR = "_tp_passes_derived"
 
 @dataclass(frozen=True)
 class WeightSpec:
-    kind: Literal["gather", "sum"]  # gather shards along `dim`; sum contributions
+    kind: Literal["gather", "sum", "shard", "shard_halves"]
+    # gather: concatenate the group's tensors along `dim`; sum: add contributions;
+    # shard: my chunk along `dim` (padded); shard_halves: my chunk of each half (gate_up)
     dim: int
     group: Any  # ProcessGroup
 
@@ -43,7 +47,11 @@ def materialize(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tenso
     if spec.key() in cached:
         return cached[spec.key()]
     with torch.no_grad():
-        if spec.kind == "gather":
+        if spec.kind in ("shard", "shard_halves"):  # local: no collective
+            k, j = dist.get_world_size(spec.group), dist.get_rank(spec.group)
+            src = source.detach()
+            out = comm.shard_padded(src, spec.dim, k, j) if spec.kind == "shard" else comm.shard_halves(src, k, j)
+        elif spec.kind == "gather":
             assert source is not None
             out = _gather(source, spec.dim, spec.group)
         else:

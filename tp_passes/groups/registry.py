@@ -181,6 +181,16 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
     return NamedGroup(name, mine, reg._created[mine])
 
 
+def module_tp_group(k: int, tp: int) -> NamedGroup:
+    """My module TP group of size k: from the registry's layout, or, with none, the layout
+    inferred from the graph (TP = the all-reduce group's size, DP = world / TP)."""
+    reg = _REGISTRY
+    if reg is None:
+        world = dist.get_world_size()
+        reg = init_groups(TPConfig(), RankLayout(world, tp=tp, dp=world // tp))
+    return ensure_partition(reg, f"module_tp_{k}", reg.layout.module_tp_groups(k))
+
+
 def _world_backend() -> str:
     """The device's backend, unless the world group cannot carry it (gloo-only world)."""
     want = default_backend()

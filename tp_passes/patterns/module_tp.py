@@ -19,3 +19,126 @@ def matches(path: str, names: tuple[str, ...], include_excluded: bool = False) -
     if not include_excluded and any(p in EXCLUDED for p in parts):
         return False
     return any(path == n or path.endswith("." + n) for n in names)
+
+
+# -- graph path ------------------------------------------------------------------------------
+#
+# Before (pure DP, per rank; W replicated)::
+#
+#     y = mm(x, t(W_o))                 e = embedding(W_e, ids)        l = mm(h, t(W_lm))
+#
+# After (W_j = this rank's shard, bound as an extra graph input)::
+#
+#     y = reduce_scatter(mm(all_to_all(cols(x)), t(W_o_j)))            # comm.oproj_dp
+#     e = reduce_scatter(masked_embedding(W_e_j, all_gather(ids)))     # comm.embedding_dp
+#     l = all_to_all(mm(all_gather(h), t(W_lm_j)))[:, :V]              # comm.lmhead_dp
+#     m = reduce_scatter(mm(act(mm(all_gather(x), gate_j)) * mm(.., up_j), down_j))  # comm.mlp_dp
+#
+# The graph path needs the same token count on every rank of a group (vLLM pads DP
+# batches in graph mode); with strict=True the runtime wrapper checks it every call.
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.fx as fx  # noqa: E402
+
+from tp_passes.fx import aten, is_call, through_views, untransposed, val  # noqa: E402
+
+MLP_REGION_OPS = {
+    aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.silu.default,
+    aten.mul.Tensor, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+}
+
+
+@dataclass
+class ModuleMatch:
+    kind: str  # "oproj_tp" | "embedding_tp" | "lmhead_tp" | "mlp_tp"
+    module: str
+    k: int
+    out: fx.Node  # node whose value the rewrite replaces
+    x: fx.Node  # activation (2-D) or ids
+    weights: list[fx.Node]  # placeholders, in the order the replacement takes them
+    bias: fx.Node | None = None
+    reason: str = ""  # non-empty: matched but skipped
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def invariant(self) -> tuple:
+        return (self.kind, self.module, self.k, [str(val(w).shape) for w in self.weights], self.reason)
+
+
+def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
+    """(mm node, x, bias) for every `x @ w.T (+ b)` reading placeholder w."""
+    out = []
+    for t in w.users:
+        if untransposed(t) is not w:
+            continue
+        for mm in t.users:
+            if is_call(mm, aten.mm.default) and mm.args[1] is t:
+                out.append((mm, mm.args[0], None))
+            elif is_call(mm, aten.addmm.default) and mm.args[2] is t:
+                out.append((mm, mm.args[1], mm.args[0]))
+    return out
+
+
+def find_module_matches(gm: fx.GraphModule, input_names: list[str], sizes: dict[str, int],
+                        reduced: set[fx.Node]) -> list[ModuleMatch]:
+    """Module TP matches; `reduced` holds mm nodes that feed an all-reduce (already TP)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    by_path = {input_names[i]: p for i, p in enumerate(placeholders) if i < len(input_names)}
+    matches_: list[ModuleMatch] = []
+    for path, w in by_path.items():
+        module, _, leaf = path.rpartition(".")
+        if leaf != "weight":
+            continue
+        if sizes.get("oproj_tp") and matches(module, O_PROJ):
+            for mm, x, b in _linear_users(w):
+                m = ModuleMatch("oproj_tp", module, sizes["oproj_tp"], mm, x, [w], b)
+                if mm in reduced:
+                    m.reason = "o_proj is already tensor-parallel (an all-reduce follows it)"
+                matches_.append(m)
+        tied = matches(module, EMBEDDING)  # a tied lm_head reads the embedding's placeholder
+        if sizes.get("lmhead_tp") and (matches(module, LM_HEAD) or tied):
+            for mm, x, b in _linear_users(w):
+                name = f"{module} (tied lm_head)" if tied else module
+                m = ModuleMatch("lmhead_tp", name, sizes["lmhead_tp"], mm, x, [w], b)
+                if b is not None:
+                    m.reason = "lm_head with bias is not supported"
+                matches_.append(m)
+        if sizes.get("embedding_tp") and matches(module, EMBEDDING):
+            for e in w.users:
+                if is_call(e, aten.embedding.default) and e.args[0] is w and len(e.args) == 2:
+                    matches_.append(ModuleMatch("embedding_tp", module, sizes["embedding_tp"], e, e.args[1], [w]))
+        if sizes.get("mlp_tp") and module.endswith("gate_up_proj"):
+            parent = module.rpartition(".")[0]
+            down = by_path.get(f"{parent}.down_proj.weight")
+            m = _match_mlp(parent, w, down, sizes["mlp_tp"]) if down is not None else None
+            if m is not None:
+                matches_.append(m)
+    return matches_
+
+
+def _match_mlp(parent: str, gate_up: fx.Node, down: fx.Node, k: int) -> ModuleMatch | None:
+    ups, downs = _linear_users(gate_up), _linear_users(down)
+    if len(ups) != 1 or len(downs) != 1:
+        return None
+    (mm_up, x, b_up), (mm_down, h, b_down) = ups[0], downs[0]
+    m = ModuleMatch("mlp_tp", parent, k, mm_down, x, [gate_up, down])
+    # every node between the two matmuls must be a SiLU-gated split/mul, used only inside
+    region, frontier = set(), [mm_up]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u is mm_down:
+                continue
+            if u.op != "call_function" or (u.target not in MLP_REGION_OPS and u.target.__name__ != "getitem"):
+                m.reason = f"op {u.target} between gate_up_proj and down_proj is not a SiLU-gated MLP"
+                return m
+            if u not in region:
+                region.add(u)
+                frontier.append(u)
+    if b_up is not None or b_down is not None:
+        m.reason = "MLP with biases is not supported"
+    elif through_views(h) not in region or not any(is_call(n, aten.silu.default) for n in region):
+        m.reason = "gate_up_proj and down_proj are not one SiLU-gated MLP"
+    return m
