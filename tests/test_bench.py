@@ -19,3 +19,29 @@ def test_compile_cost_bench_writes_json(tmp_path):
         assert 0 < row["rewrite_share_of_compile"] < 1
         assert abs(row["rewrite_ms_per_1000_nodes"] - 1000 * row["rewrite_ms"] / row["aten_nodes"]) < 0.1
         assert row["rewrites_applied"] > 0
+
+
+def _run(script, out):
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_memory_bench_matches_one_kth(tmp_path):
+    data = _run("memory.py", tmp_path / "memory.json")
+    assert sorted(data["k"]) == ["2", "4", "8"]
+    for k, modules in data["k"].items():
+        assert set(modules) == {"o_proj", "embedding", "lm_head", "mlp (dense layers)"}
+        for row in modules.values():
+            assert abs(row["measured_over_analytic"] - 1.0) <= 0.01, row
+            assert row["full_bytes_per_rank"] == int(k) * row["analytic_bytes_per_rank"]
+
+
+def test_comm_bytes_bench_meets_the_analytic_minimum(tmp_path):
+    rows = _run("comm_bytes.py", tmp_path / "comm_bytes.json")["rows"]
+    cases = {r["case"] for r in rows}
+    assert {"sequence_parallel", "flashcomm2=1", "flashcomm2=2", "oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp"} <= cases
+    for r in rows:
+        assert r["measured_bytes_per_rank"] >= r["analytic_min_bytes_per_rank"]
+        if "note" not in r:
+            assert r["measured_bytes_per_rank"] == r["analytic_min_bytes_per_rank"], r

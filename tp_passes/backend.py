@@ -432,7 +432,8 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         fake_mode = detect_fake_mode(inputs)
         compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
         report.collectives = _collective_counts(aten_gm)
-        report.wire_bytes_after = wire.total(wire.collective_bytes(aten_gm))
+        report.wire_rows = wire.collective_bytes(aten_gm)
+        report.wire_bytes_after = wire.total(report.wire_rows)
         compiled = _inner(config, aten_gm, compile_inputs)
         dumper.graph("final", aten_gm)
         dumper.report(report)

@@ -31,6 +31,7 @@ class GraphReport:
     collectives: dict[str, int] = field(default_factory=dict)  # final graph: op -> count
     wire_bytes_before: int = 0  # per rank per call, from the graph's collectives
     wire_bytes_after: int = 0
+    wire_rows: list[dict[str, Any]] = field(default_factory=list)  # final graph, per collective
     nodes: int = 0  # ATen graph nodes seen by the rewrites
     rewrite_ms: float = 0.0  # time spent matching, planning and rewriting
 

@@ -1,0 +1,82 @@
+"""Weight bytes per rank after module TP, for DeepSeek-V3 shapes on the meta device.
+
+Shapes (DESIGN §8): hidden 7168, 128 heads x 128 v_head_dim (o_proj input 16384), vocab
+129280, 61 layers, of which the first 3 have a dense MLP (intermediate 18432); the MoE
+layers' experts are not touched by module TP. Weights are bf16 on the meta device (no
+memory is allocated); shards are made by the same code the rewrites use
+(`weights.materialize` with a "shard" spec) on a fake process group of k ranks, and their
+bytes are compared with the analytic full/k.
+
+    python bench/memory.py [--out bench/out/memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from tp_passes import weights
+
+HIDDEN, O_IN, VOCAB, LAYERS, DENSE_LAYERS, INTER = 7168, 128 * 128, 129280, 61, 3, 18432
+DTYPE = torch.bfloat16
+
+# module -> (count, [(weight shape, spec kind, dim)])
+MODULES = {
+    "o_proj": (LAYERS, [((HIDDEN, O_IN), "shard", 1)]),
+    "embedding": (1, [((VOCAB, HIDDEN), "shard", 0)]),
+    "lm_head": (1, [((VOCAB, HIDDEN), "shard", 0)]),
+    "mlp (dense layers)": (DENSE_LAYERS, [((2 * INTER, HIDDEN), "shard_halves", 0), ((HIDDEN, INTER), "shard", 1)]),
+}
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure(k: int) -> dict:
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=k)
+    try:
+        group = dist.group.WORLD
+        rows = {}
+        for name, (count, ws) in MODULES.items():
+            full = shard = 0
+            for shape, kind, dim in ws:
+                w = torch.empty(shape, dtype=DTYPE, device="meta")
+                s = weights.materialize(w, weights.WeightSpec(kind, dim, group))
+                full += nbytes(w) * count
+                shard += nbytes(s) * count
+            analytic = full / k
+            rows[name] = {
+                "full_bytes_per_rank": full,
+                "sharded_bytes_per_rank": shard,
+                "analytic_bytes_per_rank": analytic,
+                "measured_over_analytic": round(shard / analytic, 4),
+                "saved_GB_per_rank": round((full - shard) / 1e9, 3),
+            }
+        return rows
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench/out/memory.json")
+    args = parser.parse_args()
+    result = {"model": "DeepSeek-V3 shapes", "dtype": str(DTYPE), "k": {}}
+    for k in (2, 4, 8):
+        result["k"][k] = measure(k)
+        for name, row in result["k"][k].items():
+            print(f"k={k} {name:20s} {row['full_bytes_per_rank'] / 1e9:7.3f} GB -> "
+                  f"{row['sharded_bytes_per_rank'] / 1e9:7.3f} GB  (measured/analytic {row['measured_over_analytic']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
