@@ -214,6 +214,7 @@ class TPBackend:
         p.entries[0].details.update(
             weights=names, weight_bytes_before=before,
             weight_bytes_after=sum(t.numel() * t.element_size() for t in shards),
+            wire_bytes_per_step=wire.total(wire.collective_bytes(out.meta["tp_passes_inserted"])),
         )
         if self.config.release_weights:
             for t in reals:
@@ -336,7 +337,9 @@ class TPBackend:
         sharding.add(before, Sharded(twin, g, site.n, site.j, rows, shape))
         for e in p.entries:
             e.details.update(weight_bytes_before=weight_bytes_before,
-                             weight_bytes_after=w_block.numel() * w_block.element_size())
+                             weight_bytes_after=w_block.numel() * w_block.element_size(),
+                             wire_bytes_per_step=wire.total(wire.collective_bytes(twin.meta["tp_passes_inserted"])),
+                             wire_note="all_to_all (+ OTP reduce_scatter); the all_gather is counted where SP places it")
 
     def _flashcomm2_weights(self, gm: fx.GraphModule, p: Plan) -> tuple:
         """Groups and derived weights for one FlashComm2 match (collective, real tensors)."""

@@ -83,6 +83,43 @@ def show_backend(world: int, tokens: int) -> None:
         print(f"  {'':28s} collectives: {row['collectives']}")
 
 
+DP_CONFIG = dict(vocab=4000, hidden=256, heads=8, kv_heads=4, head_dim=32, intermediate=688, layers=2)
+
+
+def _module_tp_on_rank(rank: int, world: int, k: int, tokens: int) -> list[dict]:
+    from tp_passes.models import ModelConfig, TPLlama
+    from tp_passes.report import all_reports
+
+    torch._dynamo.reset()
+    cfg = ModelConfig(**DP_CONFIG)
+    ids = torch.randint(0, cfg.vocab, (tokens,), generator=torch.Generator().manual_seed(rank))
+    model = TPLlama(cfg, None)  # pure DP: every rank holds every weight, serves its own ids
+    opts = {"inner": "eager", "oproj_tp": k, "embedding_tp": k, "lmhead_tp": k, "mlp_tp": k}
+    with torch.no_grad():
+        ref = model(ids)
+        got = torch.compile(model, backend="tp_passes", options=opts)(ids)
+    rows: dict[str, dict] = {}
+    for e in all_reports()[-1].entries:
+        r = rows.setdefault(e.rewrite, {"matches": 0, "before": 0, "after": 0, "wire": 0})
+        r["matches"] += 1
+        r["before"] += e.details["weight_bytes_before"]
+        r["after"] += e.details["weight_bytes_after"]
+        r["wire"] += e.details["wire_bytes_per_step"]
+    diff = (got - ref).abs().max().item()
+    return [dict(rewrite=name, diff=diff, **r) for name, r in sorted(rows.items())]
+
+
+def show_module_tp(world: int, tokens: int) -> None:
+    k = 2
+    print(f"\n== module TP across DP ranks: {world} pure-DP ranks, groups of k={k}, T={tokens} tokens each")
+    per_rank = run_ranks(_module_tp_on_rank, world, k, tokens, timeout=600)
+    print(f"  {'rewrite':14s} {'matches':>7s} {'weight MB/rank before -> after':>32s} {'bytes/step/rank':>16s}  max|diff| of the output, worst rank")
+    for i, row in enumerate(per_rank[0]):
+        diff = max(r[i]["diff"] for r in per_rank)
+        mb = f"{row['before'] / 1e6:.3f} -> {row['after'] / 1e6:.3f}"
+        print(f"  {row['rewrite']:14s} {row['matches']:7d} {mb:>32s} {row['wire']:16,d}  {diff:.2e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--world", type=int, default=4)
@@ -90,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     show_groups(args.world)
     show_backend(args.world, args.tokens)
+    show_module_tp(args.world, args.tokens)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ def splice(
                 break
             env[n] = graph.node_copy(n, lambda a: env[a])
     assert isinstance(out, fx.Node)
+    out.meta["tp_passes_inserted"] = list(env.values())  # for per-rewrite byte counts
     return out
 
 

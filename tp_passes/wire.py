@@ -7,6 +7,7 @@ all-to-all (n-1)/n*S. These are also the analytic minimums the benchmarks compar
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch.fx as fx
@@ -28,12 +29,13 @@ def _nbytes(t: Any) -> int:
     return numel * t.element_size()
 
 
-def collective_bytes(gm: fx.GraphModule) -> list[dict[str, Any]]:
-    """One row per collective node: op, group size n, bytes sent per rank."""
+def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str, Any]]:
+    """One row per collective node (of a graph, or of some nodes): op, group size n, bytes
+    sent per rank."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     rows = []
-    for node in gm.graph.nodes:
+    for node in nodes.graph.nodes if isinstance(nodes, fx.GraphModule) else nodes:
         if node.op != "call_function":
             continue
         t = node.target
