@@ -38,11 +38,14 @@ def test_all_four_rewrites_uneven_tokens(world, k, dtype):
         assert rewrites == ["embedding_tp", "lmhead_tp", "mlp_tp", "mlp_tp", "oproj_tp", "oproj_tp"]
 
 
-def test_hf_style_3d_tied_embeddings_biased_o_proj():
+@pytest.mark.parametrize("merged", [True, False])
+def test_hf_style_3d_tied_embeddings_biased_o_proj(merged):
     shapes = [(2, 5), (3, 4)]
-    res = run_ranks(_eager, 2, ALL, shapes, torch.float32, {"tie_embeddings": True, "o_proj_bias": True}, False)
+    kwargs = {"tie_embeddings": True, "o_proj_bias": True, "merged_gate_up": merged}
+    res = run_ranks(_eager, 2, ALL, shapes, torch.float32, kwargs, False)
     for rel, rewrites, *_ in res:
         assert rel <= 1e-5
+        assert rewrites.count("mlp_tp") == 2
 
 
 def test_release_weights_frees_the_full_weights():

@@ -42,6 +42,13 @@ def test_graph_matches_original(world, k, dtype):
             assert collectives.get("all_to_all_single") == 2 + 1  # 2 o_proj + lm_head
 
 
+def test_separate_gate_and_up_projections():
+    res = run_ranks(_graph, 2, 2, torch.float32, (2, 3), {"merged_gate_up": False}, {})
+    for rel, applied, *_ in res:
+        assert rel <= 1e-5
+        assert applied.count("mlp_tp") == 2
+
+
 def test_tied_embeddings_share_one_shard():
     res = run_ranks(_graph, 2, 2, torch.float32, (6,), {"tie_embeddings": True}, {})
     for rel, applied, *_ in res:

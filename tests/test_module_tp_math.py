@@ -42,7 +42,7 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
         "o_proj": padded(lambda t: comm.oproj_dp(t, comm.shard_padded(W_o, 1, k, j), name, k), x) + b_o,
         "embedding": padded(lambda t: comm.embedding_dp(t, comm.shard_padded(W_e, 0, k, j), j, name, k), ids.unsqueeze(-1)),
         "lm_head": padded(lambda t: comm.lmhead_dp(t, comm.shard_padded(W_lm, 0, k, j), name, k, V), h),
-        "mlp": padded(lambda t: comm.mlp_dp(t, gu_j, comm.shard_padded(W_d, 1, k, j), name, k), h),
+        "mlp": padded(lambda t: comm.mlp_dp(t, *gu_j.chunk(2), comm.shard_padded(W_d, 1, k, j), name, k), h),
     }
     ref = {
         "o_proj": F.linear(x, W_o, b_o),

@@ -205,8 +205,10 @@ class TPBackend:
         elif m.kind == "lmhead_tp":
             vocab = val(m.weights[0]).shape[0]
             fn = lambda h, w: comm.lmhead_dp(h, w, g, k, vocab)  # noqa: E731
+        elif len(shards) == 2:  # merged gate_up, sharded half by half
+            fn = lambda x, gu, d: comm.mlp_dp(x, *gu.chunk(2), d, g, k)  # noqa: E731
         else:
-            fn = lambda x, gu, d: comm.mlp_dp(x, gu, d, g, k)  # noqa: E731
+            fn = lambda x, gate, up, d: comm.mlp_dp(x, gate, up, d, g, k)  # noqa: E731
         out = sharding.splice(fn, args, m.out)
         m.out.replace_all_uses_with(out)
         self.module_groups[group.group_name] = group.pg
@@ -223,7 +225,8 @@ class TPBackend:
     def _module_shards(self, m: ModuleMatch, reals: list[torch.Tensor], tp: int) -> tuple:
         group = module_tp_group(m.k, tp)
         specs = {"oproj_tp": [("shard", 1)], "embedding_tp": [("shard", 0)], "lmhead_tp": [("shard", 0)],
-                 "mlp_tp": [("shard_halves", 0), ("shard", 1)]}[m.kind]
+                 "mlp_tp": [("shard_halves", 0), ("shard", 1)] if len(reals) == 2
+                 else [("shard", 0), ("shard", 0), ("shard", 1)]}[m.kind]
         shards = [weights.materialize(t, weights.WeightSpec(kind, dim, group.pg)) for t, (kind, dim) in zip(reals, specs)]
         return group, shards
 

@@ -122,11 +122,11 @@ def lmhead_dp(h: torch.Tensor, w_j: torch.Tensor, group: str, k: int, vocab: int
 
 
 def mlp_dp(
-    x: torch.Tensor, gate_up_j: torch.Tensor, down_j: torch.Tensor, group: str, k: int, act=F.silu
+    x: torch.Tensor, gate_j: torch.Tensor, up_j: torch.Tensor, down_j: torch.Tensor,
+    group: str, k: int, act=F.silu,
 ) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)); gate_up_j = [gate rows chunk j; up rows chunk j] (each
-    half sharded on its own, see `shard_halves`), down_j = down's columns chunk j."""
-    gate_j, up_j = gate_up_j.chunk(2)
+    """down(act(gate(x)) * up(x)) with gate/up sharded by rows (a merged gate_up weight is
+    sharded half by half, see `shard_halves`) and down by columns."""
     xs = funcol.all_gather_single(x, 0, group)  # [kT, H]
     hmid = act(linear(xs, gate_j)) * linear(xs, up_j)  # [kT, I/k]
     return funcol.reduce_scatter_single(linear(hmid, down_j), "sum", 0, group)

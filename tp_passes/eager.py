@@ -31,7 +31,7 @@ from tp_passes.groups import RankLayout
 from tp_passes.groups.registry import ensure_partition, init_groups, module_tp_group, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.flashcomm2 import flashcomm2_size_error, is_o_proj
-from tp_passes.patterns.module_tp import EMBEDDING, LM_HEAD, O_PROJ, matches
+from tp_passes.patterns.module_tp import EMBEDDING, LM_HEAD, O_PROJ, excluded, matches, mlp_names
 from tp_passes.report import Entry
 
 
@@ -144,11 +144,15 @@ def _lmhead_forward(w: torch.Tensor, k: int):
     return _tokens_first(lambda h: comm.lmhead_dp(h, w_j, g, k, vocab), g, k)
 
 
-def _mlp_forward(gate_up: torch.Tensor, down: torch.Tensor, act, k: int):
+def _mlp_forward(up_weights: list[torch.Tensor], down: torch.Tensor, act, k: int):
+    """up_weights: [merged gate_up] or [gate, up]."""
     pg, g, j = _module_group(k)
-    gate_up_j = weights.materialize(gate_up, weights.WeightSpec("shard_halves", 0, pg))
+    if len(up_weights) == 1:
+        gate_j, up_j = weights.materialize(up_weights[0], weights.WeightSpec("shard_halves", 0, pg)).chunk(2)
+    else:
+        gate_j, up_j = (weights.materialize(w, weights.WeightSpec("shard", 0, pg)) for w in up_weights)
     down_j = weights.materialize(down, weights.WeightSpec("shard", 1, pg))
-    return _tokens_first(lambda x: comm.mlp_dp(x, gate_up_j, down_j, g, k, act), g, k)
+    return _tokens_first(lambda x: comm.mlp_dp(x, gate_j, up_j, down_j, g, k, act), g, k)
 
 
 def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[torch.Tensor]]:
@@ -175,10 +179,10 @@ def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[to
         elif config.lmhead_tp and matches(path, LM_HEAD) and isinstance(w, torch.Tensor):
             k = config.lmhead_tp
             rewrite(path, module, "lmhead_tp", k, _lmhead_forward(w, k), [w])
-        elif config.mlp_tp and hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
+        elif config.mlp_tp and (names := mlp_names(module)) is not None and not excluded(path):
             k = config.mlp_tp
-            gu, down = module.gate_up_proj.weight, module.down_proj.weight
-            rewrite(path, module, "mlp_tp", k, _mlp_forward(gu, down, getattr(module, "act_fn", F.silu), k), [gu, down])
+            *ups, down = [getattr(module, n).weight for n in names]
+            rewrite(path, module, "mlp_tp", k, _mlp_forward(ups, down, getattr(module, "act_fn", F.silu), k), [*ups, down])
     return entries, full
 
 

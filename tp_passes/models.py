@@ -32,6 +32,7 @@ class ModelConfig:
     seed: int = 0
     inplace_all_reduce: bool = False  # dist.all_reduce(x) instead of funcol.all_reduce
     tie_embeddings: bool = False  # lm_head.weight is embed_tokens.weight
+    merged_gate_up: bool = True  # gate_up_proj, or separate gate_proj and up_proj
 
 
 def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
@@ -133,11 +134,19 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
         super().__init__()
         s = c.hidden**-0.5
-        self.gate_up_proj = ColumnParallelLinear(s * torch.randn(2 * c.intermediate, c.hidden, generator=g), tp, parts=2)
+        gate_up = s * torch.randn(2 * c.intermediate, c.hidden, generator=g)
+        if c.merged_gate_up:
+            self.gate_up_proj = ColumnParallelLinear(gate_up, tp, parts=2)
+        else:
+            self.gate_proj = ColumnParallelLinear(gate_up[: c.intermediate], tp)
+            self.up_proj = ColumnParallelLinear(gate_up[c.intermediate :], tp)
         self.down_proj = RowParallelLinear(c.intermediate**-0.5 * torch.randn(c.hidden, c.intermediate, generator=g), None, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
 

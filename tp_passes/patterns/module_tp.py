@@ -7,6 +7,8 @@ written yet; the eager path (`tp_passes.eager`) applies them to modules.
 
 from __future__ import annotations
 
+from typing import Any
+
 O_PROJ = ("o_proj", "out_proj", "wo", "attention.dense")
 EMBEDDING = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings")
 LM_HEAD = ("lm_head", "output", "embed_out")
@@ -14,11 +16,21 @@ MLP_PAIRS = (("gate_up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"
 EXCLUDED = ("mtp", "vision", "visual")
 
 
-def matches(path: str, names: tuple[str, ...], include_excluded: bool = False) -> bool:
-    parts = path.split(".")
-    if not include_excluded and any(p in EXCLUDED for p in parts):
-        return False
-    return any(path == n or path.endswith("." + n) for n in names)
+def excluded(path: str) -> bool:
+    """Draft (MTP) and vision towers are never rewritten by name."""
+    return any(p in EXCLUDED for p in path.split("."))
+
+
+def matches(path: str, names: tuple[str, ...]) -> bool:
+    return not excluded(path) and any(path == n or path.endswith("." + n) for n in names)
+
+
+def mlp_names(module: Any) -> tuple[str, ...] | None:
+    """The child names of a gated MLP module, up projections first, down last."""
+    for names in MLP_PAIRS:
+        if all(hasattr(module, n) for n in names):
+            return names
+    return None
 
 
 # -- graph path ------------------------------------------------------------------------------
@@ -38,7 +50,6 @@ def matches(path: str, names: tuple[str, ...], include_excluded: bool = False) -
 # batches in graph mode); with strict=True the runtime wrapper checks it every call.
 
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
@@ -109,23 +120,34 @@ def find_module_matches(gm: fx.GraphModule, input_names: list[str], sizes: dict[
             for e in w.users:
                 if is_call(e, aten.embedding.default) and e.args[0] is w and len(e.args) == 2:
                     matches_.append(ModuleMatch("embedding_tp", module, sizes["embedding_tp"], e, e.args[1], [w]))
-        if sizes.get("mlp_tp") and module.endswith("gate_up_proj"):
-            parent = module.rpartition(".")[0]
-            down = by_path.get(f"{parent}.down_proj.weight")
-            m = _match_mlp(parent, w, down, sizes["mlp_tp"]) if down is not None else None
-            if m is not None:
-                matches_.append(m)
+        parent, _, child = module.rpartition(".")
+        if sizes.get("mlp_tp") and not excluded(module):
+            for names in MLP_PAIRS:
+                if child != names[0]:
+                    continue
+                ws = [by_path.get(f"{parent}.{n}.weight") for n in names]
+                if all(x is not None for x in ws):
+                    m = _match_mlp(parent, ws[:-1], ws[-1], sizes["mlp_tp"])
+                    if m is not None:
+                        matches_.append(m)
     return matches_
 
 
-def _match_mlp(parent: str, gate_up: fx.Node, down: fx.Node, k: int) -> ModuleMatch | None:
-    ups, downs = _linear_users(gate_up), _linear_users(down)
-    if len(ups) != 1 or len(downs) != 1:
+def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> ModuleMatch | None:
+    """up_ws: [merged gate_up] or [gate, up] placeholders."""
+    ups = [_linear_users(w) for w in up_ws]
+    downs = _linear_users(down)
+    if any(len(u) != 1 for u in ups) or len(downs) != 1:
         return None
-    (mm_up, x, b_up), (mm_down, h, b_down) = ups[0], downs[0]
-    m = ModuleMatch("mlp_tp", parent, k, mm_down, x, [gate_up, down])
-    # every node between the two matmuls must be a SiLU-gated split/mul, used only inside
-    region, frontier = set(), [mm_up]
+    mm_ups = [u[0][0] for u in ups]
+    x, b_up = ups[0][0][1], any(u[0][2] is not None for u in ups)
+    (mm_down, h, b_down) = downs[0]
+    m = ModuleMatch("mlp_tp", parent, k, mm_down, x, [*up_ws, down])
+    if any(through_views(u[0][1]) is not through_views(x) for u in ups):
+        m.reason = "gate and up projections read different inputs"
+        return m
+    # every node between the matmuls must be a SiLU-gated split/mul, used only inside
+    region, frontier = set(), list(mm_ups)
     while frontier:
         n = frontier.pop()
         for u in n.users:
@@ -137,7 +159,7 @@ def _match_mlp(parent: str, gate_up: fx.Node, down: fx.Node, k: int) -> ModuleMa
             if u not in region:
                 region.add(u)
                 frontier.append(u)
-    if b_up is not None or b_down is not None:
+    if b_up or b_down is not None:
         m.reason = "MLP with biases is not supported"
     elif through_views(h) not in region or not any(is_call(n, aten.silu.default) for n in region):
         m.reason = "gate_up_proj and down_proj are not one SiLU-gated MLP"
