@@ -93,3 +93,33 @@ def test_unknown_env_var_named():
         TPConfig.from_env({"TP_PASSES_OPROJTP": "2"})
     with pytest.raises(ValueError, match="TP_PASSES_MLP_TP"):
         TPConfig.from_env({"TP_PASSES_MLP_TP": "-1"})
+
+
+def test_module_names_override_and_validation():
+    c = TPConfig.from_dict({"module_names": {"oproj_tp": ["attn.c_proj"]}})
+    assert c.names_for("oproj_tp", ("o_proj",)) == ("attn.c_proj",)
+    assert c.names_for("lmhead_tp", ("lm_head",)) == ("lm_head",)
+    env = TPConfig.from_env({"TP_PASSES_MODULE_NAMES": '{"lmhead_tp": ["head"]}'})
+    assert env.names_for("lmhead_tp", ()) == ("head",)
+    with pytest.raises(ValueError, match="module_names key 'qkv_tp'"):
+        TPConfig.from_dict({"module_names": {"qkv_tp": ["x"]}})
+    with pytest.raises(ValueError, match=r"module_names\['oproj_tp'\] must be a list"):
+        TPConfig.from_dict({"module_names": {"oproj_tp": "o_proj"}})
+    with pytest.raises(ValueError, match="TP_PASSES_MODULE_NAMES"):
+        TPConfig.from_env({"TP_PASSES_MODULE_NAMES": "{not json"})
+
+
+def test_selection_defaults_exclusions_and_overrides():
+    from tp_passes.patterns.module_tp import selects
+
+    c = TPConfig()
+    assert selects(c, "oproj_tp", "model.layers.3.self_attn.o_proj")
+    assert selects(c, "oproj_tp", "transformer.h.0.attention.dense")
+    assert selects(c, "embedding_tp", "transformer.wte") and selects(c, "lmhead_tp", "lm_head")
+    assert not selects(c, "oproj_tp", "model.layers.3.self_attn.q_proj")
+    # draft (MTP) and vision modules only when asked
+    assert not selects(c, "lmhead_tp", "model.mtp.0.lm_head")
+    assert not selects(c, "oproj_tp", "visual.blocks.0.attn.o_proj")
+    assert selects(TPConfig(include_draft_and_vision=True), "lmhead_tp", "model.mtp.0.lm_head")
+    custom = TPConfig(module_names={"oproj_tp": ("c_proj",)})
+    assert selects(custom, "oproj_tp", "h.1.attn.c_proj") and not selects(custom, "oproj_tp", "h.1.attn.o_proj")

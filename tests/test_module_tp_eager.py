@@ -58,3 +58,22 @@ def test_release_weights_frees_the_full_weights():
             "layers.0.mlp.gate_up_proj.weight", "layers.1.mlp.gate_up_proj.weight",
             "layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight",
         ])
+
+
+def _override(rank, world):
+    cfg = ModelConfig(layers=2)
+    ids = torch.randint(0, cfg.vocab, (5 + rank,), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        ref = TPLlama(cfg, None)(ids)
+        model = TPLlama(cfg, None)
+        config = tp_passes.TPConfig(oproj_tp=2, module_names={"oproj_tp": ["down_proj"]})
+        entries = tp_passes.parallelize(model, config)
+        rel = ((model(ids) - ref).abs().max() / ref.abs().max()).item()
+    return rel, sorted(e["module"] for e in entries)
+
+
+def test_module_names_override_selects_other_modules():
+    # the o_proj rewrite is an input-column-sharded linear: any such linear can use it
+    for rel, modules in run_ranks(_override, 2):
+        assert rel <= 1e-5
+        assert modules == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]

@@ -29,8 +29,8 @@ from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, modu
 from tp_passes.groups import RankLayout, init_groups
 from tp_passes.groups.registry import agree_across_ranks, ensure_partition, module_tp_group, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
-from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches
-from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error, is_o_proj
+from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, selects
+from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
 from tp_passes.report import Dumper, Entry, GraphReport, rank, record
 
@@ -157,7 +157,7 @@ class TPBackend:
                 e("sequence_parallel", False, "all-reduce over a group of size 1")
                 plans.append(p)
                 continue
-            if cfg.flashcomm2 and site.matmul is not None and is_o_proj(site.module):
+            if cfg.flashcomm2 and site.matmul is not None and selects(cfg, "oproj_tp", site.module):
                 why = self._flashcomm2_blocker(site)
                 if why:
                     e("flashcomm2", False, why, blocked=True)
@@ -247,9 +247,7 @@ class TPBackend:
         fake_mode = detect_fake_mode(example_inputs)
         sites = self.sites(gm)
         reduced = {s.module for s in sites if s.module}
-        cfg = self.config
-        sizes = {"oproj_tp": cfg.oproj_tp, "embedding_tp": cfg.embedding_tp, "lmhead_tp": cfg.lmhead_tp, "mlp_tp": cfg.mlp_tp}
-        modules = find_module_matches(gm, self.input_names, sizes, reduced)
+        modules = find_module_matches(gm, self.input_names, self.config, reduced)
         if not sites and not modules:
             return [], []
         any_bias = outside_compile(self.agree, sites, modules)

@@ -30,7 +30,8 @@ VLLM_ASCEND_ALIASES = {
 
 _SIZE_FIELDS = ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp", "flashcomm2")
 _AUTO_FIELDS = ("sequence_parallel", "fuse_mm_reduce_scatter")
-_BOOL_FIELDS = ("release_weights", "strict", "dump")
+_BOOL_FIELDS = ("release_weights", "strict", "dump", "include_draft_and_vision")
+MODULE_NAME_KEYS = ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp")
 _STR_FIELDS = ("inner", "dump_dir")
 
 
@@ -56,6 +57,10 @@ class TPConfig:
     strict: bool = False
     dump: bool = False
     dump_dir: str = "./tp_passes_dump"
+    # override the module names each rewrite selects, e.g. {"oproj_tp": ["attn.c_proj"]}
+    # (keys: oproj_tp, embedding_tp, lmhead_tp, mlp_tp; mlp_tp names the MLP module)
+    module_names: dict[str, tuple[str, ...]] | None = None
+    include_draft_and_vision: bool = False  # select under mtp/vision/visual paths too
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -128,6 +133,12 @@ class TPConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def names_for(self, kind: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """Module names selected for `kind` (a MODULE_NAME_KEYS entry)."""
+        if self.module_names and kind in self.module_names:
+            return tuple(self.module_names[kind])
+        return default
+
     def module_tp_sizes(self) -> dict[str, int]:
         """Enabled module TP rewrites: registry group name -> k."""
         named = {
@@ -159,6 +170,13 @@ def _parse_value(key: str, name: str, value: Any) -> Any:
     """Convert a string (env var, CLI) to the field's type; leave typed values alone."""
     if not isinstance(value, str):
         return value
+    if name == "module_names":
+        import json
+
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"TPConfig: {key} must be JSON, e.g. '{{\"oproj_tp\": [\"c_proj\"]}}': {e}") from None
     text = value.strip().lower()
     if name in _SIZE_FIELDS:
         try:
@@ -189,6 +207,16 @@ def _check_type(name: str, value: Any) -> None:
     elif name in _BOOL_FIELDS:
         if not isinstance(value, bool):
             raise ValueError(f"TPConfig: {name} must be a bool, got {value!r}")
+    elif name == "module_names":
+        if value is None:
+            return
+        if not isinstance(value, Mapping):
+            raise ValueError(f"TPConfig: module_names must be a mapping, got {value!r}")
+        for k, names in value.items():
+            if k not in MODULE_NAME_KEYS:
+                raise ValueError(f"TPConfig: module_names key {k!r} is not one of {', '.join(MODULE_NAME_KEYS)}")
+            if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"TPConfig: module_names[{k!r}] must be a list of names, got {names!r}")
     elif name in _STR_FIELDS:
         if not isinstance(value, str):
             raise ValueError(f"TPConfig: {name} must be a string, got {value!r}")

@@ -30,8 +30,8 @@ from tp_passes.config import TPConfig
 from tp_passes.groups import RankLayout
 from tp_passes.groups.registry import ensure_partition, init_groups, module_tp_group, registry_or_none
 from tp_passes.lowering import mm_reduce_scatter_impl
-from tp_passes.patterns.flashcomm2 import flashcomm2_size_error, is_o_proj
-from tp_passes.patterns.module_tp import EMBEDDING, LM_HEAD, O_PROJ, excluded, matches, mlp_names
+from tp_passes.patterns.flashcomm2 import flashcomm2_size_error
+from tp_passes.patterns.module_tp import excluded, mlp_names, selects
 from tp_passes.report import Entry
 
 
@@ -170,16 +170,21 @@ def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[to
 
     for path, module in named.items():
         w = getattr(module, "weight", None)
-        if config.oproj_tp and matches(path, O_PROJ) and isinstance(w, torch.Tensor):
+        if config.oproj_tp and selects(config, "oproj_tp", path) and isinstance(w, torch.Tensor):
             k = config.oproj_tp
             rewrite(path, module, "oproj_tp", k, _oproj_forward(w, getattr(module, "bias", None), k), [w])
-        elif config.embedding_tp and matches(path, EMBEDDING) and isinstance(w, torch.Tensor):
+        elif config.embedding_tp and selects(config, "embedding_tp", path) and isinstance(w, torch.Tensor):
             k = config.embedding_tp
             rewrite(path, module, "embedding_tp", k, _embedding_forward(w, k), [w])
-        elif config.lmhead_tp and matches(path, LM_HEAD) and isinstance(w, torch.Tensor):
+        elif config.lmhead_tp and selects(config, "lmhead_tp", path) and isinstance(w, torch.Tensor):
             k = config.lmhead_tp
             rewrite(path, module, "lmhead_tp", k, _lmhead_forward(w, k), [w])
-        elif config.mlp_tp and (names := mlp_names(module)) is not None and not excluded(path):
+        elif (
+            config.mlp_tp
+            and (names := mlp_names(module)) is not None
+            and not excluded(path, config.include_draft_and_vision)
+            and (not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path))
+        ):
             k = config.mlp_tp
             *ups, down = [getattr(module, n).weight for n in names]
             rewrite(path, module, "mlp_tp", k, _mlp_forward(ups, down, getattr(module, "act_fn", F.silu), k), [*ups, down])
@@ -205,7 +210,7 @@ def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu")
             continue
         n = dist.get_world_size(rp.group)
         m = config.flashcomm2
-        if m and is_o_proj(name):
+        if m and selects(config, "oproj_tp", name):
             why = flashcomm2_size_error(m, n)
             if why:
                 entry = Entry("flashcomm2", name, False, why, n, blocked=True)

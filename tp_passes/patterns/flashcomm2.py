@@ -12,6 +12,7 @@ After (m = flashcomm2, G = n/m; see `comm.flashcomm2_rows` for the piece order):
     ys = reduce_scatter(p, "sum", otp)                 # m > 1 only; [T/n, H]
     y  = all_gather(ys, tp)[:T]                        # or stays sharded under SP
 
+The o_proj modules are those `module_tp.selects(config, "oproj_tp", path)` picks.
 A bias added before the reduce (rank 0 only) becomes one bias, summed over the TP group
 once at compile time, added to every rank's token piece.
 """
@@ -19,13 +20,6 @@ once at compile time, added to every rank's token piece.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from tp_passes.patterns.module_tp import O_PROJ, matches
-
-
-def is_o_proj(module: str) -> bool:
-    return matches(module, O_PROJ)
-
 
 def flashcomm2_size_error(m: int, n: int) -> str:
     """Why flashcomm2=m cannot run on a TP group of n ranks ('' if it can)."""

@@ -16,13 +16,21 @@ MLP_PAIRS = (("gate_up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"
 EXCLUDED = ("mtp", "vision", "visual")
 
 
-def excluded(path: str) -> bool:
-    """Draft (MTP) and vision towers are never rewritten by name."""
-    return any(p in EXCLUDED for p in path.split("."))
+def excluded(path: str, include_draft_and_vision: bool = False) -> bool:
+    """Draft (MTP) and vision towers are not rewritten unless asked."""
+    return not include_draft_and_vision and any(p in EXCLUDED for p in path.split("."))
 
 
-def matches(path: str, names: tuple[str, ...]) -> bool:
-    return not excluded(path) and any(path == n or path.endswith("." + n) for n in names)
+def matches(path: str, names: tuple[str, ...], include_draft_and_vision: bool = False) -> bool:
+    return not excluded(path, include_draft_and_vision) and any(
+        path == n or path.endswith("." + n) for n in names
+    )
+
+
+def selects(config: Any, kind: str, path: str) -> bool:
+    """Does `config` select module `path` for rewrite `kind`?"""
+    defaults = {"oproj_tp": O_PROJ, "embedding_tp": EMBEDDING, "lmhead_tp": LM_HEAD, "mlp_tp": ()}
+    return matches(path, config.names_for(kind, defaults[kind]), config.include_draft_and_vision)
 
 
 def mlp_names(module: Any) -> tuple[str, ...] | None:
@@ -92,36 +100,38 @@ def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
     return out
 
 
-def find_module_matches(gm: fx.GraphModule, input_names: list[str], sizes: dict[str, int],
-                        reduced: set[fx.Node]) -> list[ModuleMatch]:
+def find_module_matches(gm: fx.GraphModule, input_names: list[str], config: Any,
+                        reduced: set[str]) -> list[ModuleMatch]:
     """Module TP matches; `reduced` holds mm nodes that feed an all-reduce (already TP)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     by_path = {input_names[i]: p for i, p in enumerate(placeholders) if i < len(input_names)}
+    sizes = {k: getattr(config, k) for k in ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp")}
     matches_: list[ModuleMatch] = []
     for path, w in by_path.items():
         module, _, leaf = path.rpartition(".")
         if leaf != "weight":
             continue
-        if sizes.get("oproj_tp") and matches(module, O_PROJ):
+        if sizes["oproj_tp"] and selects(config, "oproj_tp", module):
             for mm, x, b in _linear_users(w):
                 m = ModuleMatch("oproj_tp", module, sizes["oproj_tp"], mm, x, [w], b)
                 if mm in reduced:
                     m.reason = "o_proj is already tensor-parallel (an all-reduce follows it)"
                 matches_.append(m)
-        tied = matches(module, EMBEDDING)  # a tied lm_head reads the embedding's placeholder
-        if sizes.get("lmhead_tp") and (matches(module, LM_HEAD) or tied):
+        tied = selects(config, "embedding_tp", module)  # a tied lm_head reads the embedding's input
+        if sizes["lmhead_tp"] and (selects(config, "lmhead_tp", module) or tied):
             for mm, x, b in _linear_users(w):
                 name = f"{module} (tied lm_head)" if tied else module
                 m = ModuleMatch("lmhead_tp", name, sizes["lmhead_tp"], mm, x, [w], b)
                 if b is not None:
                     m.reason = "lm_head with bias is not supported"
                 matches_.append(m)
-        if sizes.get("embedding_tp") and matches(module, EMBEDDING):
+        if sizes["embedding_tp"] and selects(config, "embedding_tp", module):
             for e in w.users:
                 if is_call(e, aten.embedding.default) and e.args[0] is w and len(e.args) == 2:
                     matches_.append(ModuleMatch("embedding_tp", module, sizes["embedding_tp"], e, e.args[1], [w]))
         parent, _, child = module.rpartition(".")
-        if sizes.get("mlp_tp") and not excluded(module):
+        names_ok = not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", parent)
+        if sizes["mlp_tp"] and names_ok and not excluded(module, config.include_draft_and_vision):
             for names in MLP_PAIRS:
                 if child != names[0]:
                     continue
