@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 import tp_passes
 from tp_passes import RankLayout, TPConfig
-from tp_passes.groups.registry import get_registry, required_groups
+from tp_passes.groups.registry import required_groups
 from tp_passes.testing import RankFailure, run_ranks
 
 CONFIGS = {

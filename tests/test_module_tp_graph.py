@@ -4,7 +4,6 @@ model vs the original, on every rank; weight release; equal-token check under st
 import pytest
 import torch
 
-import tp_passes
 from tp_passes.models import ModelConfig, TPLlama
 from tp_passes.report import all_reports
 from tp_passes.testing import RankFailure, run_ranks

@@ -75,7 +75,7 @@ def _sp_forward(rp: RowParallel, device_type: str):
 
 def _flashcomm2_forward(rp: RowParallel, m: int, release: bool):
     tp = rp.group
-    n, j = dist.get_world_size(tp), dist.get_rank(tp)
+    n = dist.get_world_size(tp)
     G = n // m
     ranks = dist.get_process_group_ranks(tp)
     reg = registry_or_none()

@@ -1,13 +1,19 @@
 """Fine-grained module TP across data-parallel ranks: which modules, and their groups.
 
-Selection is by module path (last component), with the names users expect; draft and
-vision modules are never selected unless asked. The graph rewrites of this family are not
-written yet; the eager path (`tp_passes.eager`) applies them to modules.
+Selection is by module path, with the names users expect (overridable through
+`TPConfig.module_names`); draft and vision modules are never selected unless asked.
+The graph path is below; the eager path (`tp_passes.eager`) applies the same `comm`
+functions to modules.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch.fx as fx
+
+from tp_passes.fx import aten, is_call, through_views, untransposed, val
 
 O_PROJ = ("o_proj", "out_proj", "wo", "attention.dense")
 EMBEDDING = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings")
@@ -57,12 +63,6 @@ def mlp_names(module: Any) -> tuple[str, ...] | None:
 # The graph path needs the same token count on every rank of a group (vLLM pads DP
 # batches in graph mode); with strict=True the runtime wrapper checks it every call.
 
-from dataclasses import dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-import torch.fx as fx  # noqa: E402
-
-from tp_passes.fx import aten, is_call, through_views, untransposed, val  # noqa: E402
 
 MLP_REGION_OPS = {
     aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.silu.default,
