@@ -26,8 +26,7 @@ from torch._guards import detect_fake_mode
 from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
 from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
-from tp_passes.groups import RankLayout, init_groups
-from tp_passes.groups.registry import agree_across_ranks, ensure_partition, module_tp_group, registry_or_none
+from tp_passes.groups.registry import agree_across_ranks, flashcomm2_groups, module_tp_group
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, selects
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error
@@ -56,7 +55,7 @@ class Site:
 
 @dataclass
 class Plan:
-    site: Site
+    site: Site | None  # None for module TP plans (no all-reduce involved)
     producer: str  # "flashcomm2" | "reduce_scatter" | "keep" | "module_tp" | "skip"
     fuse: bool = False
     any_bias: bool = False
@@ -117,6 +116,9 @@ class TPBackend:
         self.real_inputs = real_inputs
         self.input_names = input_names
         self.module_groups: dict[str, Any] = {}  # module TP groups the graph uses
+        # full weights the rewritten graph no longer reads; freed only once every derived
+        # weight exists (tied weights are read by two rewrites)
+        self.release_after_rewrite: list[torch.Tensor] = []
 
     # -- analysis -------------------------------------------------------------------------
     def sites(self, gm: fx.GraphModule) -> list[Site]:
@@ -182,7 +184,7 @@ class TPBackend:
     def _module_tp_plans(self, modules: list[ModuleMatch]) -> list[Plan]:
         plans = []
         for m in modules:
-            p = Plan(None, "skip" if m.reason else "module_tp", module=m)  # type: ignore[arg-type]
+            p = Plan(None, "skip" if m.reason else "module_tp", module=m)
             ok = not m.reason
             p.entries.append(Entry(m.kind, m.module, ok, m.reason or
                                    "needs equal token counts across the group (checked per call with strict=True)",
@@ -218,9 +220,7 @@ class TPBackend:
             weight_bytes_after=sum(t.numel() * t.element_size() for t in shards),
             wire_bytes_per_step=wire.total(wire.collective_bytes(out.meta["tp_passes_inserted"])),
         )
-        if self.config.release_weights:
-            for t in reals:
-                weights.release(t)
+        self.release_after_rewrite.extend(reals)
 
     def _module_shards(self, m: ModuleMatch, reals: list[torch.Tensor], tp: int) -> tuple:
         group = module_tp_group(m.k, tp)
@@ -284,6 +284,8 @@ class TPBackend:
         gm.graph.lint()
         gm.recompile()
         dumper.graph("after_sequence_parallel", gm)
+        if self.config.release_weights:
+            weights.release(self.release_after_rewrite)
         return plans, extra
 
     def _shape(self, sharding: TokenSharding, site: Site, rows: Any) -> list[Any]:
@@ -355,22 +357,12 @@ class TPBackend:
             like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
             bias = weights.materialize(b_real, weights.WeightSpec("sum", 0, _group(site.ar.group_name)), like)
         weight_bytes_before = w_real.numel() * w_real.element_size()
-        if self.config.release_weights:
-            weights.release(w_real)
+        self.release_after_rewrite.append(w_real)
         return groups, w_block, bias, weight_bytes_before
 
     def _flashcomm2_groups(self, site: Site) -> FlashComm2Groups:
         m, n = self.config.flashcomm2, site.n
-        tp_ranks = dist.get_process_group_ranks(_group(site.ar.group_name))
-        reg = registry_or_none()
-        layout = reg.layout if reg is not None else RankLayout(dist.get_world_size(), tp=n, dp=dist.get_world_size() // n)
-        if sorted(tp_ranks) not in [sorted(g) for g in layout.tp_groups()]:
-            raise RuntimeError(f"tp_passes: the graph's TP group {tp_ranks} is not a TP group of {layout}")
-        if reg is None:
-            reg = init_groups(TPConfig(flashcomm2=m), layout)
-        otp_lists, odp_lists = layout.flashcomm2_groups(m)
-        otp = ensure_partition(reg, f"fc2_otp_{m}", otp_lists)
-        odp = ensure_partition(reg, f"fc2_odp_{m}", odp_lists)
+        otp, odp = flashcomm2_groups(_group(site.ar.group_name), m)
         return FlashComm2Groups(otp.group_name, odp.group_name, m, n // m, site.j // (n // m))
 
     def _input_index(self, gm: fx.GraphModule, node: fx.Node) -> int | None:

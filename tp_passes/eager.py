@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from tp_passes import comm, weights
 from tp_passes.config import TPConfig
-from tp_passes.groups import RankLayout
-from tp_passes.groups.registry import ensure_partition, init_groups, module_tp_group, registry_or_none
+from tp_passes.groups.registry import flashcomm2_groups, module_tp_group
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.flashcomm2 import flashcomm2_size_error
 from tp_passes.patterns.module_tp import excluded, mlp_names, selects
@@ -77,20 +76,11 @@ def _flashcomm2_forward(rp: RowParallel, m: int, release: bool):
     tp = rp.group
     n = dist.get_world_size(tp)
     G = n // m
-    ranks = dist.get_process_group_ranks(tp)
-    reg = registry_or_none()
-    if reg is None:
-        world = dist.get_world_size()
-        reg = init_groups(TPConfig(flashcomm2=m), RankLayout(world, tp=n, dp=world // n))
-    otp_lists, odp_lists = reg.layout.flashcomm2_groups(m)
-    if sorted(ranks) not in [sorted(g) for g in reg.layout.tp_groups()]:
-        raise RuntimeError(f"tp_passes: module TP group {ranks} is not a TP group of {reg.layout}")
-    otp = ensure_partition(reg, f"fc2_otp_{m}", otp_lists)
-    odp = ensure_partition(reg, f"fc2_odp_{m}", odp_lists)
+    otp, odp = flashcomm2_groups(tp, m)
     w_block = weights.materialize(rp.weight, weights.WeightSpec("gather", 1, odp.pg))
     bias = rp.bias.detach().clone() if rp.bias is not None else None
     if release:
-        weights.release(rp.weight)
+        weights.release([rp.weight])
     g = tp.group_name
 
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +189,7 @@ def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu")
     """
     entries, full_weights = _module_tp(model, config) if config.module_tp_sizes() else ([], [])
     if config.release_weights:
-        for w in {id(w): w for w in full_weights}.values():  # tied weights: free once
-            weights.release(w)
+        weights.release(full_weights)
     sp = config.sequence_parallel in (True, "auto")
     fuse = config.fuse_mm_reduce_scatter in (True, "auto")
     rewritten = {e.module for e in entries}

@@ -64,6 +64,10 @@ def materialize(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tenso
     return out
 
 
-def release(param: torch.Tensor) -> None:
-    """Free a parameter's storage (as FSDP does); its metadata stays valid."""
-    param.untyped_storage().resize_(0)
+def release(params: list[torch.Tensor]) -> None:
+    """Free the parameters' storage (as FSDP does), each once; their metadata stays valid.
+
+    Call only after every derived tensor exists: tied weights feed two rewrites.
+    """
+    for p in {id(p): p for p in params}.values():
+        p.untyped_storage().resize_(0)

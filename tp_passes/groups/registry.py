@@ -181,14 +181,31 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
     return NamedGroup(name, mine, reg._created[mine])
 
 
-def module_tp_group(k: int, tp: int) -> NamedGroup:
-    """My module TP group of size k: from the registry's layout, or, with none, the layout
-    inferred from the graph (TP = the all-reduce group's size, DP = world / TP)."""
+def _registry_for(tp_group: Any | None, tp: int) -> GroupRegistry:
+    """The registry, or one on the layout inferred from the model (TP = the size of the
+    group its all-reduces use, DP = world / TP); `tp_group` must be a TP group of it."""
     reg = _REGISTRY
     if reg is None:
         world = dist.get_world_size()
         reg = init_groups(TPConfig(), RankLayout(world, tp=tp, dp=world // tp))
+    if tp_group is not None:
+        ranks = sorted(dist.get_process_group_ranks(tp_group))
+        if ranks not in [sorted(g) for g in reg.layout.tp_groups()]:
+            raise RuntimeError(f"tp_passes: the model's TP group {ranks} is not a TP group of {reg.layout}")
+    return reg
+
+
+def module_tp_group(k: int, tp: int) -> NamedGroup:
+    """My module TP group of size k (chunks of k consecutive DP ranks)."""
+    reg = _registry_for(None, tp)
     return ensure_partition(reg, f"module_tp_{k}", reg.layout.module_tp_groups(k))
+
+
+def flashcomm2_groups(tp_group: Any, m: int) -> tuple[NamedGroup, NamedGroup]:
+    """My (OTP, ODP) groups for flashcomm2=m inside the TP group `tp_group`."""
+    reg = _registry_for(tp_group, dist.get_world_size(tp_group))
+    otp_lists, odp_lists = reg.layout.flashcomm2_groups(m)
+    return ensure_partition(reg, f"fc2_otp_{m}", otp_lists), ensure_partition(reg, f"fc2_odp_{m}", odp_lists)
 
 
 def _world_backend() -> str:
