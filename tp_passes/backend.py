@@ -25,7 +25,7 @@ from torch._guards import detect_fake_mode
 
 from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
-from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
+from tp_passes.fx import AllReduce, Matmul, as_all_reduce, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
 from tp_passes.groups.registry import agree_across_ranks, flashcomm2_groups, module_tp_group
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, selects
@@ -399,11 +399,19 @@ def _inner(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
     return make_boxed_func(torchair.get_npu_backend()(gm, example_inputs))
 
 
+def _config(options: dict | None) -> TPConfig:
+    """From `options` and env; inside vLLM also from its `additional_config`."""
+    from tp_passes.vllm.config import config_from_vllm, current_vllm_config
+
+    vllm_config = current_vllm_config()
+    return TPConfig.resolve(options) if vllm_config is None else config_from_vllm(vllm_config, options)
+
+
 def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
     """The torch.compile backend (entry point `torch_dynamo_backends: tp_passes`)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    config = TPConfig.resolve(options)
+    config = _config(options)
     input_names = _source_names(gm)
     decomps = None
     if config.inner == "inductor":
@@ -457,9 +465,14 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
 
 
 def _collective_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """Collectives of the final graph by op name; vLLM's all-reduce dialects count as all_reduce."""
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
+        name = None
         if node.op == "call_function" and str(node.target).startswith("_c10d_functional.") and "wait" not in str(node.target):
             name = str(node.target).split(".")[1]
+        elif node.op == "call_function" and as_all_reduce(node) is not None:
+            name = "all_reduce"
+        if name:
             counts[name] = counts.get(name, 0) + 1
     return counts

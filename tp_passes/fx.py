@@ -52,26 +52,84 @@ class AllReduce:
     """One sum all-reduce, whatever dialect wrote it.
 
     `result` is the node whose value is the reduced tensor; its users are rewired by a
-    rewrite. `partial` is the per-rank partial sum.
+    rewrite. `partial` is the per-rank partial sum. `group_name` is torch's ProcessGroup
+    name (vLLM's group names and shm handles are resolved to it). `dialect` says which
+    form it was found in, for reports.
     """
 
     result: fx.Node
     partial: fx.Node
     group_name: str
+    dialect: str = "c10d_functional"
+
+
+def vllm_op(name: str) -> Any:
+    ns = getattr(torch.ops, "vllm", None)
+    return getattr(ns, name).default if ns is not None and hasattr(ns, name) else None
+
+
+def _shm_allreduce() -> Any:
+    ns = getattr(torch.ops, "_C", None)
+    return ns.shm_allreduce.default if ns is not None and hasattr(ns, "shm_allreduce") else None
+
+
+def _functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, fx.Node] | None:
+    """(input, result) of ``auto_functionalized[_v2](op, ..., arg=x)`` + ``getitem(., 1)``.
+
+    Only the whole-tensor form: v2 with its base used as is (no view kwargs), v1 with the
+    tensor passed directly. A single mutated argument is output 1 in both versions.
+    """
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+    if not (node.op == "call_function" and node.args and node.args[0] is op):
+        return None
+    if node.target is auto_functionalized_v2:
+        bases, index = node.kwargs.get("_all_bases", []), node.kwargs.get(f"_{arg}_base_index")
+        if len(bases) != 1 or index != 0 or any(k.startswith(f"_{arg}_") and k != f"_{arg}_base_index" for k in node.kwargs):
+            return None
+        x = bases[0]
+    elif node.target is auto_functionalized:
+        x = node.kwargs.get(arg)
+    else:
+        return None
+    outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+    if not isinstance(x, fx.Node) or len(outs) != 1 or len(node.users) != 1:
+        return None
+    return x, outs[0]
+
+
+def as_all_reduce(node: fx.Node) -> AllReduce | None:
+    """`node` as a sum all-reduce in one of the three dialects (DESIGN §5), else None.
+
+    - plain PyTorch: ``_c10d_functional.all_reduce(x, "sum", g)`` + ``wait_tensor``
+    - vLLM custom op (CUDA, ROCm, XPU, NPU): ``vllm.all_reduce(x, group_name="tp:0")``
+    - vLLM on CPU: in-place ``_C.shm_allreduce(handle, x)``, functionalized by AOT into
+      ``auto_functionalized[_v2](_C.shm_allreduce, handle=h, ...)`` + ``getitem(., 1)``
+    """
+    if node.op != "call_function":
+        return None
+    if node.target is c10d.all_reduce.default:
+        partial, op, group = node.args[:3]
+        waits = [u for u in node.users if is_call(u, c10d.wait_tensor.default)]
+        if op == "sum" and len(waits) == 1 and len(node.users) == 1:
+            return AllReduce(waits[0], partial, str(group))
+        return None
+    vllm_all_reduce = vllm_op("all_reduce")
+    if vllm_all_reduce is not None and node.target is vllm_all_reduce:
+        from tp_passes.vllm.dialect import torch_group_name
+
+        name = node.kwargs.get("group_name", node.args[1] if len(node.args) > 1 else None)
+        return AllReduce(node, node.args[0], torch_group_name(name), "vllm.all_reduce")
+    shm = _shm_allreduce()
+    if shm is not None and (found := _functionalized_inplace(node, shm, "data")) is not None:
+        from tp_passes.vllm.dialect import shm_group_name
+
+        return AllReduce(found[1], found[0], shm_group_name(node.kwargs["handle"]), "_C.shm_allreduce")
+    return None
 
 
 def find_all_reduces(graph: fx.Graph) -> list[AllReduce]:
-    """Plain-PyTorch dialect: `_c10d_functional.all_reduce(x, "sum", g)` + `wait_tensor`."""
-    sites = []
-    for node in graph.nodes:
-        if not is_call(node, c10d.all_reduce.default):
-            continue
-        partial, op, group = node.args[:3]
-        waits = [u for u in node.users if is_call(u, c10d.wait_tensor.default)]
-        if op != "sum" or len(waits) != 1 or len(node.users) != 1:
-            continue
-        sites.append(AllReduce(waits[0], partial, str(group)))
-    return sites
+    return [ar for node in graph.nodes if (ar := as_all_reduce(node)) is not None]
 
 
 @dataclass
@@ -108,7 +166,13 @@ def path_from_source(source_name: str) -> str:
     """`L['self']._modules['layers']._modules['3']._parameters['weight']` -> `layers.3.weight`."""
     root = re.match(r"^(?:L|G)\['([^']*)'\]", source_name)
     rest = source_name[root.end():] if root else source_name
-    parts = [next(g for g in m.groups() if g is not None) for m in _PART.finditer(rest)]
+    parts = []
+    for m in _PART.finditer(rest):
+        parts.append(next(g for g in m.groups() if g is not None))
+        if m.group(2) is not None and len(parts) > 1:
+            # a plain attribute below a module (vLLM CPU: `o_proj.cpu_linear.__closure__`):
+            # the tensor belongs to the module above it
+            break
     if root and root.group(1) != "self" and not parts:
         return root.group(1)  # a plain input such as L['ids']
     return ".".join(parts)

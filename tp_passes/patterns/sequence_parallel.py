@@ -201,7 +201,9 @@ class TokenSharding:
                     return None
                 shape = list(node.args[1])
                 if any(isinstance(s, int) and s == -1 for s in shape[:-1]):
-                    shape = [self.size(node, d) if isinstance(shape[d], int) and shape[d] == -1 else shape[d] for d in range(len(shape))]
+                    if out.dim() != 2:
+                        return None
+                    shape = [ref.rows, feat]  # [-1, F]: all the tokens, a size known before here
                 return Sharded(self.sharded[src].twin, ref.group, ref.n, ref.j, ref.rows, shape)
             if t in UNARY or t in BINARY:
                 if not all(_same(a, b) for a, b in zip(out.shape[:-1], val(ref_node).shape[:-1])):

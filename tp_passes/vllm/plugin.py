@@ -1,9 +1,85 @@
-"""`vllm.general_plugins` entry point.
+"""`vllm.general_plugins` entry point: makes ``compilation_config={"backend": "tp_passes"}`` work.
 
-Not implemented yet (tracked by the vLLM integration issue): `register()` only checks
-that it is safe to call, so declaring the entry point changes nothing in vLLM.
+vLLM calls `register()` in every process it starts (engine, workers), possibly more than
+once. It installs two hooks, each at most once per process:
+
+1. Config: wraps the current platform's `apply_config_platform_defaults` (vLLM's hook for
+   platform defaults, called right before the compilation mode is chosen) to pick
+   DYNAMO_TRACE_ONCE for our backend (`tp_passes.vllm.config.select_compilation_mode`).
+2. Eager: with ``enforce_eager=True`` nothing is compiled, so after the model runner
+   loads the model the same rewrites are applied to vLLM's layers
+   (`tp_passes.vllm.eager.parallelize_vllm`).
+
+Nothing happens unless the compilation backend is "tp_passes".
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+_MARK = "_tp_passes_hook"
 
 
 def register() -> None:
-    """Called by vLLM in every process; idempotent and currently a no-op."""
+    """Zero-argument, idempotent; safe in every vLLM process."""
+    from vllm.platforms import current_platform
+
+    _wrap_classmethod(type(current_platform), "apply_config_platform_defaults", _before_platform_defaults)
+    for runner in _model_runner_classes():
+        _wrap_method(runner, "load_model", _after_load_model)
+
+
+def _before_platform_defaults(vllm_config: Any) -> None:
+    from tp_passes.vllm.config import select_compilation_mode
+
+    select_compilation_mode(vllm_config)
+
+
+def _after_load_model(runner: Any) -> None:
+    from vllm.config import CompilationMode
+
+    from tp_passes.vllm.config import uses_tp_passes
+
+    cfg = runner.vllm_config
+    if uses_tp_passes(cfg) and cfg.compilation_config.mode == CompilationMode.NONE:
+        from tp_passes.vllm.eager import parallelize_vllm
+
+        parallelize_vllm(runner.model, cfg)
+
+
+def _model_runner_classes() -> list[type]:
+    out = []
+    for mod, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+                      ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
+        try:
+            out.append(getattr(__import__(mod, fromlist=[name]), name))
+        except Exception:  # a platform without this runner (or its deps)
+            continue
+    return out
+
+
+def _wrap_classmethod(cls: type, name: str, before: Any) -> None:
+    original = getattr(cls, name)
+    if getattr(original, _MARK, False):
+        return
+
+    def wrapped(klass: type, vllm_config: Any) -> None:
+        before(vllm_config)
+        original.__func__(klass, vllm_config)
+
+    setattr(wrapped, _MARK, True)
+    setattr(cls, name, classmethod(wrapped))
+
+
+def _wrap_method(cls: type, name: str, after: Any) -> None:
+    original = cls.__dict__.get(name)
+    if original is None or getattr(original, _MARK, False):
+        return
+
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        after(self)
+        return out
+
+    setattr(wrapped, _MARK, True)
+    setattr(cls, name, wrapped)

@@ -1,0 +1,88 @@
+"""tp_passes configuration inside vLLM, and the compilation mode `backend="tp_passes"` runs in.
+
+Precedence, lowest first: defaults, ``TP_PASSES_*`` env vars,
+``additional_config={"finegrained_tp_config": {...}}`` (vllm-ascend's key, top level),
+``additional_config={"tp_passes": {...}}``, then torch.compile `options` if any.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from tp_passes.config import TPConfig
+
+BACKEND = "tp_passes"
+
+
+def tp_passes_dict(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Our keys out of vLLM's `additional_config` (may be None)."""
+    extra = dict(additional_config or {})
+    ours = extra.get("tp_passes", {})
+    if not isinstance(ours, Mapping):
+        raise ValueError(f"tp_passes: additional_config['tp_passes'] must be a dict, got {type(ours).__name__}")
+    merged: dict[str, Any] = {}
+    if "finegrained_tp_config" in extra:
+        merged["finegrained_tp_config"] = extra["finegrained_tp_config"]
+    merged.update(ours)
+    return merged
+
+
+def config_from_vllm(vllm_config: Any, options: Mapping[str, Any] | None = None,
+                     environ: Mapping[str, str] | None = None) -> TPConfig:
+    base = TPConfig.from_env(environ)
+    cfg = TPConfig.from_dict(tp_passes_dict(getattr(vllm_config, "additional_config", None)), base=base)
+    return TPConfig.from_dict(options or {}, base=cfg)
+
+
+def current_vllm_config() -> Any | None:
+    """vLLM's config of this process when vLLM is running here, else None."""
+    import sys
+
+    if "vllm.config" not in sys.modules:
+        return None
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_current_vllm_config_or_none()
+
+
+def uses_tp_passes(vllm_config: Any) -> bool:
+    return getattr(vllm_config.compilation_config, "backend", "") == BACKEND
+
+
+def select_compilation_mode(vllm_config: Any) -> None:
+    """Make a bare ``compilation_config={"backend": "tp_passes"}`` reach our backend.
+
+    vLLM's default mode (VLLM_COMPILE, piecewise) accepts only "eager"/"inductor", and on
+    CPU the platform swaps any backend for Inductor. With the mode unset we choose
+    DYNAMO_TRACE_ONCE: one Dynamo trace of the whole model, guards dropped, token dim
+    dynamic, handed to the backend as one graph (the mode vLLM itself uses on CPU).
+    Custom ops default to "none" (native torch ops), as vLLM does for Inductor. vLLM's
+    AOT compile cache is turned off for it: the compiled function holds
+    rank-specific derived weights and process groups, which it cannot serialize, and a
+    graph loaded from disk would skip the cross-rank agreement.
+    """
+    from vllm.config import CompilationMode
+
+    cc = vllm_config.compilation_config
+    if not uses_tp_passes(vllm_config):
+        return
+    if cc.mode is None:
+        cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
+    if cc.mode == CompilationMode.VLLM_COMPILE:
+        raise ValueError(
+            "tp_passes: compilation_config mode=VLLM_COMPILE (3) cannot run backend 'tp_passes'; "
+            "leave mode unset (tp_passes then uses DYNAMO_TRACE_ONCE) or set it to 1 or 2"
+        )
+    if not any(base in cc.custom_ops for base in ("all", "none")):
+        # native torch ops (as vLLM picks for Inductor): rms_norm & co. stay visible to
+        # the rewrites (sequence parallelism runs them on T/n tokens) and to Inductor
+        cc.custom_ops.append("none")
+    if os.environ.get("VLLM_USE_AOT_COMPILE") == "1":
+        raise ValueError(
+            "tp_passes: VLLM_USE_AOT_COMPILE=1 cannot be used with backend 'tp_passes' "
+            "(the rewritten graph holds rank-specific weights and groups); unset it"
+        )
+    os.environ["VLLM_USE_AOT_COMPILE"] = "0"  # inherited by the engine and worker processes
+    config_from_vllm(vllm_config)  # bad keys fail here, in the user's process

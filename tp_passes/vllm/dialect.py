@@ -1,0 +1,42 @@
+"""vLLM's names for its groups, resolved to torch ProcessGroup names.
+
+vLLM's graphs name a group in two ways that torch cannot resolve:
+
+- ``torch.ops.vllm.all_reduce(x, group_name="tp:0")``: the GroupCoordinator's
+  `unique_name`;
+- ``torch.ops._C.shm_allreduce(handle, x)`` (vLLM on CPU): the integer handle of the
+  coordinator's shared-memory communicator.
+
+Both map to the coordinator's `device_group`, on which our functional collectives run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _coordinators() -> list[Any]:
+    from vllm.distributed import parallel_state as ps
+
+    return [c for c in (ref() for ref in ps._groups.values()) if c is not None]
+
+
+def coordinator_by_name(unique_name: str) -> Any:
+    for c in _coordinators():
+        if c.unique_name == unique_name:
+            return c
+    raise KeyError(f"tp_passes: vLLM has no group named {unique_name!r}")
+
+
+def torch_group_name(unique_name: str) -> str:
+    """`"tp:0"` -> the torch name of that coordinator's device group."""
+    return coordinator_by_name(unique_name).device_group.group_name
+
+
+def shm_group_name(handle: int) -> str:
+    """The torch name of the device group whose CPU shm communicator has `handle`."""
+    for c in _coordinators():
+        module = getattr(getattr(c, "device_communicator", None), "dist_module", None)
+        if getattr(module, "handle", None) == handle:
+            return c.device_group.group_name
+    raise KeyError(f"tp_passes: no vLLM group owns shm handle {handle}")
