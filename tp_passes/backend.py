@@ -13,7 +13,6 @@ extra graph inputs by a small runtime wrapper.
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +24,14 @@ from torch._guards import detect_fake_mode
 
 from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
-from tp_passes.fx import AllReduce, Matmul, as_all_reduce, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
+from tp_passes.fx import AllReduce, Matmul, as_all_reduce, describe_producer, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
 from tp_passes.groups.registry import agree_across_ranks, flashcomm2_groups, module_tp_group
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, selects
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
-from tp_passes.report import Dumper, Entry, GraphReport, rank, record
+from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
 
-_graph_ids = itertools.count()
 
 
 @dataclass
@@ -159,7 +157,7 @@ class TPBackend:
                 e("sequence_parallel", False, "all-reduce over a group of size 1")
                 plans.append(p)
                 continue
-            if cfg.flashcomm2 and site.matmul is not None and selects(cfg, "oproj_tp", site.module):
+            if cfg.flashcomm2 and selects(cfg, "oproj_tp", site.module):
                 why = self._flashcomm2_blocker(site)
                 if why:
                     e("flashcomm2", False, why, blocked=True)
@@ -234,6 +232,8 @@ class TPBackend:
         why = flashcomm2_size_error(self.config.flashcomm2, site.n)
         if why:
             return why
+        if site.matmul is None:
+            return f"o_proj's product comes from {describe_producer(site.ar.partial)}, not a plain matmul: its weight cannot be resharded"
         if site.weight_index is None:
             return "o_proj weight is not a graph input (cannot gather it)"
         if len(site.matmul.weight.users) != 1:
@@ -421,7 +421,7 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
     tp = TPBackend(config, list(example_inputs), input_names, decomps)
 
     def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
-        graph_id = next(_graph_ids)
+        graph_id = next_graph_id()
         report = GraphReport(graph_id, rank())
         dumper = Dumper(config.dump, config.dump_dir, graph_id)
         dumper.graph("aten", aten_gm)
@@ -456,7 +456,7 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         return run
 
     def training(aten_gm: fx.GraphModule, inputs: list[Any]):
-        report = GraphReport(next(_graph_ids), rank())
+        report = GraphReport(next_graph_id(), rank())
         report.entries.append(Entry("all", "", False, "training graph: tp_passes rewrites inference graphs only (use torch.no_grad())"))
         record(report)
         return _inner(config, aten_gm, inputs)

@@ -17,6 +17,7 @@ rewrites trace, so the two paths compute the same numbers:
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,18 +37,26 @@ from tp_passes.report import Entry
 
 @dataclass
 class RowParallel:
-    """What the eager rewrites need to know about a row-parallel linear."""
+    """What the eager rewrites need to know about a row-parallel linear.
 
-    weight: torch.Tensor  # [H, A/n]
+    A plain layer gives its `weight`; a layer that keeps its weight in a form we cannot
+    reshard (vLLM on CPU: a prepacked oneDNN handle) gives `partial` instead, its own
+    matmul without the reduce, and only rewrites that leave the weight alone apply.
+    """
+
+    weight: torch.Tensor | None  # [H, A/n]
     bias: torch.Tensor | None  # added once (TP rank 0 in the original)
     group: Any  # ProcessGroup of the reduce
+    partial: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> x @ w.T (+ bias on rank 0)
+    wrap: Callable[[torch.Tensor], Any] = lambda y: y  # the layer's return form
+    why_opaque: str = ""  # why `weight` is None
 
 
 def as_row_parallel(module: nn.Module) -> RowParallel | None:
     """Recognize a row-parallel linear that ends in an all-reduce.
 
     Protocol: a 2-D `weight`, `reduce_results` true, and the group as `tp_group`, or as
-    `tp.group` (the reference model). vLLM's layer is recognized by the vLLM plugin.
+    `tp.group` (the reference model). vLLM's layers: `tp_passes.vllm.eager`.
     """
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not getattr(module, "reduce_results", False):
@@ -64,10 +73,14 @@ def _sp_forward(rp: RowParallel, device_type: str):
     bias = rp.bias if j == 0 else None
     fused, _ = mm_reduce_scatter_impl(device_type, n, g)
 
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self: nn.Module, x: torch.Tensor) -> Any:
+        if rp.partial is not None:  # the layer's own matmul (or lookup): [..., F]
+            p = rp.partial(x)
+            p2 = p.reshape(-1, p.shape[-1])
+            return rp.wrap(comm.gather_rows(comm.reduce_scatter_rows(p2, g, n), g, n, p2.shape[0]).view(p.shape))
         x2 = x.reshape(-1, x.shape[-1])
         ys = comm.mm_reduce_scatter(x2, rp.weight, bias, g, n) if bias is not None else fused(x2, rp.weight, g, n)
-        return comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1)
+        return rp.wrap(comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1))
 
     return forward
 
@@ -83,12 +96,12 @@ def _flashcomm2_forward(rp: RowParallel, m: int, release: bool):
         weights.release([rp.weight])
     g = tp.group_name
 
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self: nn.Module, x: torch.Tensor) -> Any:
         x2 = x.reshape(-1, x.shape[-1])
         ys = comm.flashcomm2_rows(x2, w_block, odp.group_name, G, otp.group_name, m)
         if bias is not None:
             ys = ys + bias
-        return comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1)
+        return rp.wrap(comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1))
 
     return forward, w_block
 
@@ -181,11 +194,17 @@ def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[to
     return entries, full
 
 
-def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu") -> list[dict]:
+def parallelize(
+    model: nn.Module,
+    config: TPConfig,
+    *,
+    device_type: str = "cpu",
+    recognize: Callable[[nn.Module], RowParallel | None] = as_row_parallel,
+) -> list[dict]:
     """Rewrite `model`'s row-parallel linears in place; return one report entry per match.
 
     Collective (FlashComm2 gathers weights): call on every rank with the same model and
-    config.
+    config. `recognize` finds the row-parallel linears (vLLM passes its own).
     """
     entries, full_weights = _module_tp(model, config) if config.module_tp_sizes() else ([], [])
     if config.release_weights:
@@ -194,13 +213,13 @@ def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu")
     fuse = config.fuse_mm_reduce_scatter in (True, "auto")
     rewritten = {e.module for e in entries}
     for name, module in model.named_modules():
-        rp = as_row_parallel(module) if name not in rewritten else None
+        rp = recognize(module) if name not in rewritten else None
         if rp is None:
             continue
         n = dist.get_world_size(rp.group)
         m = config.flashcomm2
         if m and selects(config, "oproj_tp", name):
-            why = flashcomm2_size_error(m, n)
+            why = flashcomm2_size_error(m, n) or rp.why_opaque
             if why:
                 entry = Entry("flashcomm2", name, False, why, n, blocked=True)
                 if config.strict:
@@ -213,6 +232,6 @@ def parallelize(model: nn.Module, config: TPConfig, *, device_type: str = "cpu")
                 continue
         if sp or (config.fuse_mm_reduce_scatter is True):
             module.forward = types.MethodType(_sp_forward(rp, device_type), module)
-            entries.append(Entry("mm_reduce_scatter" if fuse else "sequence_parallel", name, True,
+            entries.append(Entry("mm_reduce_scatter" if fuse and rp.weight is not None else "sequence_parallel", name, True,
                                  "eager: reduce_scatter + all_gather inside the layer (same bytes as the all-reduce)", n))
     return [asdict(e) for e in entries]

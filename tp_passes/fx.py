@@ -157,6 +157,18 @@ def match_matmul(node: fx.Node) -> Matmul | None:
     return Matmul(core, x, w, bias)
 
 
+def describe_producer(node: fx.Node) -> str:
+    """What computes `node`, for skip reasons: the op, or the op inside auto_functionalized."""
+    node = through_views(node)
+    if node.target is operator.getitem:
+        node = node.args[0]
+    target = node.args[0] if node.op == "call_function" and "auto_functionalized" in str(node.target) else node.target
+    name = str(target).replace(".default", "")
+    if name == "_C.onednn_mm":
+        return "_C.onednn_mm (vLLM on CPU: a prepacked oneDNN weight handle)"
+    return name
+
+
 # -- module paths ---------------------------------------------------------------------
 
 _PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")

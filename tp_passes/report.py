@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,12 @@ class GraphReport:
 
 
 _REPORTS: list[GraphReport] = []
+_GRAPH_IDS = itertools.count()
+
+
+def next_graph_id() -> int:
+    """Numbers compiled graphs (and eager rewrites) in this process, for reports and dumps."""
+    return next(_GRAPH_IDS)
 
 
 def record(report: GraphReport) -> None:

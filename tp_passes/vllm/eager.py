@@ -1,0 +1,99 @@
+"""The eager path on vLLM's layers (``enforce_eager=True``: nothing is compiled).
+
+vLLM's row-parallel layers own their all-reduce and expose `reduce_results`. We keep
+the layer's own matmul or lookup (prepacked oneDNN handle, quantized kernel, ...) by
+calling its forward with `reduce_results` off, and do the reduce ourselves through
+`tp_passes.eager`'s forwards, the functions the graph rewrites trace:
+
+    before:  y = o_proj(x)                    # matmul, all_reduce (in the layer)
+    after:   y = all_gather(reduce_scatter(o_proj_without_reduce(x)))
+
+Recognized: `RowParallelLinear` (o_proj, down_proj, ...) and `VocabParallelEmbedding`
+(not `ParallelLMHead`, whose logits are gathered, not reduced). FlashComm2 needs the
+plain weight; a layer that holds it prepacked or quantized is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tp_passes.eager import RowParallel, parallelize
+from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
+from tp_passes.vllm.config import config_from_vllm
+
+
+def _device_group(module: nn.Module) -> Any:
+    from vllm.distributed import get_tp_group
+
+    coordinator = getattr(module, "parallel_group", None) or get_tp_group()
+    return coordinator.device_group
+
+
+def _opaque_weight(module: nn.Module) -> str:
+    """Why `module.weight` cannot be resharded as a plain [H, A/n] matrix ("" if it can)."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    if not isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod):
+        return f"weight is quantized ({type(module.quant_method).__name__})"
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0:
+        return "weight is a prepacked handle (vLLM on CPU: oneDNN), not a tensor we can reshard"
+    return ""
+
+
+def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
+    """A vLLM layer ending in a TP all-reduce, with its forward minus the reduce."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    linear = isinstance(module, RowParallelLinear)
+    if not (linear or isinstance(module, VocabParallelEmbedding)) or isinstance(module, ParallelLMHead):
+        return None
+    if not module.reduce_results or module.tp_size == 1:
+        return None
+    original = module.forward
+    returns_bias = linear and module.return_bias
+    box: dict[str, Any] = {}
+
+    def partial(x: torch.Tensor) -> torch.Tensor:
+        module.reduce_results = False  # the layer's own matmul/lookup, bias on rank 0 only
+        try:
+            out = original(x)
+        finally:
+            module.reduce_results = True
+        if returns_bias:
+            out, box["bias"] = out
+        return out
+
+    def wrap(y: torch.Tensor) -> Any:
+        return (y, box.get("bias")) if returns_bias else y
+
+    why = _opaque_weight(module) if linear else "not a linear"
+    weight = None if why else module.weight
+    bias = getattr(module, "bias", None) if linear and not module.skip_bias_add else None
+    return RowParallel(weight, bias, _device_group(module), partial=partial, wrap=wrap, why_opaque=why)
+
+
+def parallelize_vllm(model: nn.Module, vllm_config: Any) -> list[dict]:
+    """Apply the configured rewrites to a loaded vLLM model in place (every TP rank)."""
+    config = config_from_vllm(vllm_config)
+    report = GraphReport(next_graph_id(), rank())
+    unsupported = [k for k in ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp") if getattr(config, k)]
+    if unsupported and config.strict:
+        raise RuntimeError(f"tp_passes (strict): module TP on vLLM's layers is not implemented: {unsupported}")
+    if unsupported:
+        # vLLM's layers keep prepacked or quantized weights and shard them over TP already;
+        # module TP across DP ranks is implemented for plain modules only
+        report.entries += [Entry(k, "", False, "module TP on vLLM's layers is not implemented", blocked=True)
+                           for k in unsupported]
+        config = dataclasses.replace(config, **{k: 0 for k in unsupported})
+    entries = parallelize(model, config, recognize=as_vllm_row_parallel)
+    report.entries += [Entry(**e) for e in entries]
+    dumper = Dumper(config.dump, config.dump_dir, report.graph_id)
+    dumper.report(report)
+    record(report)
+    return entries
