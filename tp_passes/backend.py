@@ -149,7 +149,7 @@ class TPBackend:
         for site, bias in zip(sites, any_bias):
             p = Plan(site, "keep", any_bias=bias)
             e = lambda rw, ok, why="", blocked=False, **d: p.entries.append(  # noqa: E731
-                Entry(rw, site.module, ok, why, site.n, d, blocked)
+                Entry(rw, site.module, ok, why, site.n, {"dialect": site.ar.dialect, **d}, blocked)
             )
             sp_on = cfg.sequence_parallel in (True, "auto")
             fuse_on = cfg.fuse_mm_reduce_scatter in (True, "auto")

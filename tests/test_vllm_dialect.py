@@ -1,0 +1,170 @@
+"""The vLLM dialects, on vLLM's own layers in spawned gloo ranks (no engine).
+
+A small decoder block made of vLLM's `VocabParallelEmbedding`, `RMSNorm`,
+`MergedColumnParallelLinear` and `RowParallelLinear` runs under vLLM's parallel state
+(`init_distributed_environment` + `initialize_model_parallel` on the gloo world).
+Two dialects of its all-reduces:
+
+- "vllm.all_reduce": the custom-op collective vLLM uses on CUDA/ROCm/XPU/NPU (switched on
+  with the coordinator's `use_custom_op_call`), with weights applied by `F.linear`
+  (vLLM's unpacked CPU fallback), so the matmuls are plain `aten.mm`;
+- "shm": vLLM on CPU, `_C.shm_allreduce` after functionalization, with prepacked
+  `_C.onednn_mm` weights.
+
+Each is compiled with backend "tp_passes" and compared with the uncompiled block on
+every rank, then the graph is checked for which collectives remain.
+"""
+
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
+
+from tp_passes.report import all_reports  # noqa: E402
+from tp_passes.testing import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+VOCAB, HIDDEN, INTER, LAYERS = 50, 64, 96, 2
+
+
+def _block(dialect: str, dtype: torch.dtype):
+    """Build the block on every rank with rank-sharded weights of one seeded full model."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from vllm.distributed import get_tp_group
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    class Layer(nn.Module):
+        """norm, column-parallel, row-parallel (o_proj), norm, gate_up, row-parallel (down_proj)."""
+
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            self.input_layernorm = RMSNorm(HIDDEN)
+            self.post_attention_layernorm = RMSNorm(HIDDEN)
+            self.qkv_proj = ColumnParallelLinear(HIDDEN, INTER, bias=False, prefix=f"layers.{i}.qkv_proj")
+            self.o_proj = RowParallelLinear(INTER, HIDDEN, bias=True, prefix=f"layers.{i}.o_proj")
+            self.gate_up_proj = MergedColumnParallelLinear(HIDDEN, [INTER] * 2, bias=False, prefix=f"layers.{i}.gate_up_proj")
+            self.down_proj = RowParallelLinear(INTER, HIDDEN, bias=False, prefix=f"layers.{i}.down_proj")
+
+        def forward(self, h: torch.Tensor, residual: torch.Tensor | None):
+            h, residual = (self.input_layernorm(h), h) if residual is None else self.input_layernorm(h, residual)
+            h, _ = self.o_proj(torch.tanh(self.qkv_proj(h)[0]))  # attention stand-in
+            h, residual = self.post_attention_layernorm(h, residual)
+            gate, up = self.gate_up_proj(h)[0].chunk(2, dim=-1)
+            h, _ = self.down_proj(F.silu(gate) * up)
+            return h, residual
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = VocabParallelEmbedding(VOCAB, HIDDEN)
+            self.layers = nn.ModuleList(Layer(i) for i in range(LAYERS))
+            self.norm = RMSNorm(HIDDEN)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h, residual = self.embed_tokens(ids), None
+            for layer in self.layers:
+                h, residual = layer(h, residual)
+            return self.norm(h, residual)[0]
+
+    block = Block().to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in block.named_parameters():  # full weights are seeded: every rank agrees
+        full_shape = list(p.shape)
+        loader = getattr(p, "weight_loader", None)
+        if loader is None:
+            p.data.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(dtype))
+            continue
+        if "embed_tokens" in name:
+            full_shape[0] = VOCAB
+        elif p.dim() == 2 and ("o_proj" in name or "down_proj" in name):
+            full_shape[1] *= get_tp_group().world_size
+        elif "_proj" in name and not ("o_proj" in name or "down_proj" in name):  # column parallel
+            full_shape[0] *= get_tp_group().world_size
+        full = torch.randn(full_shape, generator=gen).to(dtype) * 0.2
+        if "gate_up" in name:
+            for shard, half in enumerate(full.chunk(2)):
+                loader(p, half, shard)
+        else:
+            loader(p, full)
+    for module in block.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            module._cpu_skip_gemm_dispatch = dialect == "vllm.all_reduce"  # F.linear: plain aten.mm
+            method.process_weights_after_loading(module)
+    get_tp_group().use_custom_op_call = dialect == "vllm.all_reduce"
+    return block
+
+
+DIALECT = {"vllm.all_reduce": "vllm.all_reduce", "shm": "_C.shm_allreduce"}
+
+
+def _ranks(world, dialect, dtype, tokens, options):
+    # the CPU shm communicator names its segment after VLLM_DIST_IDENT (vLLM's worker sets it)
+    env = {"VLLM_DIST_IDENT": f"tp_passes_test_{uuid.uuid4().hex[:12]}"}
+    return run_ranks(_rank, world, dialect, dtype, tokens, options, timeout=300, env=env)
+
+
+def _rank(rank, world, dialect, dtype, tokens, options):
+    import vllm._custom_ops  # noqa: F401  (loads vllm._C: onednn_mm, shm_allreduce)
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    torch._dynamo.reset()
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=world)
+        block = _block(dialect, dtype)
+        ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = block(ids)
+            got = torch.compile(block, backend="tp_passes", dynamic=True,
+                                options={"inner": "eager", **options})(ids)
+    report = all_reports()[-1]
+    diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    entries = [(e.rewrite, e.module, e.applied, e.reason) for e in report.entries]
+    dialects = sorted({e.details.get("dialect") for e in report.entries})
+    return diff, entries, report.collectives, report.wire_bytes_before, dialects
+
+
+N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
+
+
+@pytest.mark.parametrize("world, tokens, dialect, dtype", [
+    (2, 5, "vllm.all_reduce", torch.float32), (2, 8, "vllm.all_reduce", torch.bfloat16),
+    (4, 5, "vllm.all_reduce", torch.float32), (4, 6, "vllm.all_reduce", torch.bfloat16),
+    (2, 5, "shm", torch.float32), (2, 8, "shm", torch.float32), (4, 7, "shm", torch.float32),
+])
+def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
+    res = _ranks(world, dialect, dtype, tokens, {})
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for diff, entries, collectives, wire_before, dialects in res:
+        assert diff <= tol, diff
+        assert dialects == [DIALECT[dialect]], dialects
+        applied = sorted(m for r, m, ok, _ in entries if ok and r == "sequence_parallel")
+        assert len(applied) == N_AR and applied[0] == "embed_tokens", entries
+        assert collectives == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, collectives
+        assert wire_before > 0  # vLLM's all-reduces are counted in the original graph
+
+
+def test_flashcomm2_on_vllm_all_reduce_dialect():
+    res = _ranks(2, "vllm.all_reduce", torch.float32, 7, {"flashcomm2": 1})
+    for diff, entries, collectives, *_ in res:
+        assert diff <= 1e-5, diff
+        fc2 = sorted(m for r, m, ok, _ in entries if ok and r == "flashcomm2")
+        assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], entries
+        assert collectives.get("all_to_all_single") == LAYERS and "all_reduce" not in collectives, collectives
+
+
+def test_flashcomm2_skipped_on_prepacked_cpu_weights():
+    res = _ranks(2, "shm", torch.float32, 7, {"flashcomm2": 1})
+    for diff, entries, collectives, *_ in res:
+        assert diff <= 1e-5, diff
+        fc2 = [(m, ok, why) for r, m, ok, why in entries if r == "flashcomm2"]
+        assert len(fc2) == LAYERS and all(not ok and "onednn" in why for _, ok, why in fc2), fc2
+        # sequence parallelism still takes every all-reduce
+        assert collectives == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, collectives
