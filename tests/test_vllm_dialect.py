@@ -125,10 +125,20 @@ def _rank(rank, world, dialect, dtype, tokens, options):
             got = torch.compile(block, backend="tp_passes", dynamic=True,
                                 options={"inner": "eager", **options})(ids)
     report = all_reports()[-1]
-    diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-    entries = [(e.rewrite, e.module, e.applied, e.reason) for e in report.entries]
-    dialects = sorted({e.details.get("dialect") for e in report.entries})
-    return diff, entries, report.collectives, report.wire_bytes_before, dialects
+    odp = ""
+    if any(e.rewrite == "flashcomm2" and e.applied for e in report.entries):
+        # FlashComm2's groups, made through vLLM's init_model_parallel_group
+        from tp_passes.groups.registry import get_group_info
+
+        odp = getattr(get_group_info(f"fc2_odp_{options['flashcomm2']}").coordinator, "unique_name", "")
+    return {
+        "diff": ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item(),
+        "entries": [(e.rewrite, e.module, e.applied, e.reason) for e in report.entries],
+        "dialects": sorted({e.details.get("dialect") for e in report.entries}),
+        "collectives": report.collectives,
+        "wire_before": report.wire_bytes_before,
+        "odp": odp,
+    }
 
 
 N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
@@ -142,29 +152,30 @@ N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
 def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
     res = _ranks(world, dialect, dtype, tokens, {})
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for diff, entries, collectives, wire_before, dialects in res:
-        assert diff <= tol, diff
-        assert dialects == [DIALECT[dialect]], dialects
-        applied = sorted(m for r, m, ok, _ in entries if ok and r == "sequence_parallel")
-        assert len(applied) == N_AR and applied[0] == "embed_tokens", entries
-        assert collectives == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, collectives
-        assert wire_before > 0  # vLLM's all-reduces are counted in the original graph
+    for r in res:
+        assert r["diff"] <= tol, r["diff"]
+        assert r["dialects"] == [DIALECT[dialect]], r["dialects"]
+        applied = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "sequence_parallel")
+        assert len(applied) == N_AR and applied[0] == "embed_tokens", r["entries"]
+        assert r["collectives"] == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, r["collectives"]
+        assert r["wire_before"] > 0  # vLLM's all-reduces are counted in the original graph
 
 
 def test_flashcomm2_on_vllm_all_reduce_dialect():
     res = _ranks(2, "vllm.all_reduce", torch.float32, 7, {"flashcomm2": 1})
-    for diff, entries, collectives, *_ in res:
-        assert diff <= 1e-5, diff
-        fc2 = sorted(m for r, m, ok, _ in entries if ok and r == "flashcomm2")
-        assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], entries
-        assert collectives.get("all_to_all_single") == LAYERS and "all_reduce" not in collectives, collectives
+    for r in res:
+        assert r["diff"] <= 1e-5, r["diff"]
+        fc2 = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "flashcomm2")
+        assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], r["entries"]
+        assert r["odp"].startswith("tp_passes_fc2_odp_1"), r["odp"]  # a vLLM GroupCoordinator
+        assert r["collectives"].get("all_to_all_single") == LAYERS and "all_reduce" not in r["collectives"], r["collectives"]
 
 
 def test_flashcomm2_skipped_on_prepacked_cpu_weights():
     res = _ranks(2, "shm", torch.float32, 7, {"flashcomm2": 1})
-    for diff, entries, collectives, *_ in res:
-        assert diff <= 1e-5, diff
-        fc2 = [(m, ok, why) for r, m, ok, why in entries if r == "flashcomm2"]
+    for r in res:
+        assert r["diff"] <= 1e-5, r["diff"]
+        fc2 = [(m, ok, why) for rw, m, ok, why in r["entries"] if rw == "flashcomm2"]
         assert len(fc2) == LAYERS and all(not ok and "onednn" in why for _, ok, why in fc2), fc2
         # sequence parallelism still takes every all-reduce
-        assert collectives == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, collectives
+        assert r["collectives"] == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, r["collectives"]

@@ -37,10 +37,10 @@ def tiny_llama(tmp_path_factory) -> Path:
     return path
 
 
-def _generate(model: Path, tmp: Path, name: str, *flags: str) -> dict:
+def _generate(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = None) -> dict:
     out, dump = tmp / f"{name}.json", tmp / f"dump_{name}"
     env = {**os.environ, "TP_PASSES_DUMP": "1", "TP_PASSES_DUMP_DIR": str(dump),
-           "VLLM_CACHE_ROOT": str(tmp / "vllm_cache")}
+           "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"), **(env or {})}
     proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(out), *flags], env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -51,6 +51,9 @@ def _generate(model: Path, tmp: Path, name: str, *flags: str) -> dict:
     return result
 
 
+FC2 = json.dumps({"tp_passes": {"flashcomm2": 1}})
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_runs")
@@ -58,10 +61,13 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
         "default": _generate(tiny_llama, tmp, "default"),
         "default_eager": _generate(tiny_llama, tmp, "default_eager", "--eager"),
         "tp_passes": _generate(tiny_llama, tmp, "tp_passes", "--backend", "tp_passes"),
-        # also: config through additional_config; FlashComm2 cannot reshard the CPU
-        # prepacked o_proj weight and must be skipped with that reason, not applied
-        "tp_passes_eager": _generate(tiny_llama, tmp, "tp_passes_eager", "--backend", "tp_passes", "--eager",
-                                     "--additional", json.dumps({"tp_passes": {"flashcomm2": 1}})),
+        "tp_passes_eager": _generate(tiny_llama, tmp, "tp_passes_eager", "--backend", "tp_passes", "--eager"),
+        # configured through additional_config and an env var: FlashComm2 cannot reshard
+        # the CPU prepacked o_proj weight and must be skipped with that reason
+        "configured": _generate(tiny_llama, tmp, "configured", "--backend", "tp_passes", "--additional", FC2,
+                                env={"TP_PASSES_INNER": "eager"}),
+        "configured_eager": _generate(tiny_llama, tmp, "configured_eager", "--backend", "tp_passes", "--eager",
+                                      "--additional", FC2),
     }
 
 
@@ -74,14 +80,15 @@ def _applied_per_layer(report: dict) -> dict[int, list[str]]:
     return per_layer
 
 
-@pytest.mark.parametrize("mode, baseline", [("tp_passes", "default"), ("tp_passes_eager", "default_eager")])
+@pytest.mark.parametrize("mode, baseline", [("tp_passes", "default"), ("tp_passes_eager", "default_eager"),
+                                            ("configured", "default"), ("configured_eager", "default_eager")])
 def test_tokens_equal_default_backend(runs, mode, baseline):
     tokens = runs[mode]["tokens"]
     assert len(tokens) == 4 and all(len(t) == 16 for t in tokens)
     assert tokens == runs[baseline]["tokens"]
 
 
-@pytest.mark.parametrize("mode", ["tp_passes", "tp_passes_eager"])
+@pytest.mark.parametrize("mode", ["tp_passes", "tp_passes_eager", "configured", "configured_eager"])
 def test_reports_two_rewrites_per_layer_on_every_rank(runs, mode):
     reports = runs[mode]["reports"]
     assert sorted({k.split("/")[0] for k in reports}) == ["rank0", "rank1"], sorted(reports)
@@ -102,8 +109,11 @@ def test_compiled_graph_has_no_all_reduce_left(runs):
         assert first.count("torch.ops._C.shm_allreduce.default,") == 2 * LAYERS + 1
 
 
-def test_flashcomm2_skipped_with_reason_on_prepacked_weight(runs):
-    for key, report in runs["tp_passes_eager"]["reports"].items():
+@pytest.mark.parametrize("mode", ["configured", "configured_eager"])
+def test_config_reaches_workers_and_flashcomm2_skipped_on_prepacked_weight(runs, mode):
+    for key, report in runs[mode]["reports"].items():
+        assert report["config"]["flashcomm2"] == 1
+        assert report["config"]["inner"] == ("eager" if mode == "configured" else "inductor")
         fc2 = [e for e in report["entries"] if e["rewrite"] == "flashcomm2"]
         assert len(fc2) == LAYERS, (key, report["entries"])
-        assert all(not e["applied"] and "prepacked" in e["reason"] for e in fc2), fc2
+        assert all(not e["applied"] and e["blocked"] and "prepacked" in e["reason"] for e in fc2), fc2

@@ -31,6 +31,7 @@ from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, selec
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
+from tp_passes.vllm.config import VLLM_MODULE_TP, config_from_vllm, current_vllm_config
 
 
 
@@ -108,8 +109,10 @@ def _group(name: str) -> Any:
 class TPBackend:
     """One compile: holds config, the real inputs (for weights) and the report."""
 
-    def __init__(self, config: TPConfig, real_inputs: list[Any], input_names: list[str], decompositions: dict | None = None) -> None:
+    def __init__(self, config: TPConfig, real_inputs: list[Any], input_names: list[str],
+                 decompositions: dict | None = None, in_vllm: bool = False) -> None:
         self.config = config
+        self.in_vllm = in_vllm
         self.decompositions = decompositions
         self.real_inputs = real_inputs
         self.input_names = input_names
@@ -248,6 +251,9 @@ class TPBackend:
         sites = self.sites(gm)
         reduced = {s.module for s in sites if s.module}
         modules = find_module_matches(gm, self.input_names, self.config, reduced)
+        if self.in_vllm:
+            for m in modules:
+                m.reason = m.reason or VLLM_MODULE_TP
         if not sites and not modules:
             return [], []
         any_bias = outside_compile(self.agree, sites, modules)
@@ -399,30 +405,30 @@ def _inner(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
     return make_boxed_func(torchair.get_npu_backend()(gm, example_inputs))
 
 
-def _config(options: dict | None) -> TPConfig:
-    """From `options` and env; inside vLLM also from its `additional_config`."""
-    from tp_passes.vllm.config import config_from_vllm, current_vllm_config
-
+def _config(options: dict | None) -> tuple[TPConfig, bool]:
+    """From `options` and env; inside vLLM also from its `additional_config`. Also: in vLLM?"""
     vllm_config = current_vllm_config()
-    return TPConfig.resolve(options) if vllm_config is None else config_from_vllm(vllm_config, options)
+    if vllm_config is None:
+        return TPConfig.resolve(options), False
+    return config_from_vllm(vllm_config, options), True
 
 
 def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
     """The torch.compile backend (entry point `torch_dynamo_backends: tp_passes`)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    config = _config(options)
+    config, in_vllm = _config(options)
     input_names = _source_names(gm)
     decomps = None
     if config.inner == "inductor":
         from torch._inductor.decomposition import select_decomp_table
 
         decomps = select_decomp_table()
-    tp = TPBackend(config, list(example_inputs), input_names, decomps)
+    tp = TPBackend(config, list(example_inputs), input_names, decomps, in_vllm)
 
     def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
         graph_id = next_graph_id()
-        report = GraphReport(graph_id, rank())
+        report = GraphReport(graph_id, rank(), config=config.to_dict())
         dumper = Dumper(config.dump, config.dump_dir, graph_id)
         dumper.graph("aten", aten_gm)
         extra: list[torch.Tensor] = []

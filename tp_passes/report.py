@@ -35,6 +35,7 @@ class GraphReport:
     wire_rows: list[dict[str, Any]] = field(default_factory=list)  # final graph, per collective
     nodes: int = 0  # ATen graph nodes seen by the rewrites
     rewrite_ms: float = 0.0  # time spent matching, planning and rewriting
+    config: dict[str, Any] = field(default_factory=dict)  # the TPConfig this graph was rewritten with
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +46,7 @@ class GraphReport:
             "wire_bytes_per_rank": {"before": self.wire_bytes_before, "after": self.wire_bytes_after},
             "nodes": self.nodes,
             "rewrite_ms": self.rewrite_ms,
+            "config": self.config,
         }
 
     def summary(self) -> str:

@@ -50,6 +50,9 @@ def _rank_main(
             world_size=world_size,
         )
         out = fn(rank, world_size, *args)
+        # rank 0 hosts the store: if it exited first, a rank still rendezvousing (new_group
+        # of a group without rank 0) would lose its connection
+        dist.barrier()
         results.put((rank, "ok", out))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))  # the parent raises it

@@ -168,7 +168,9 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
     mine = tuple(sorted(RankLayout.group_of(rank, rank_lists)))
     ps = _vllm_parallel_state()
     if ps is not None:
-        return _vllm_group(ps, name, rank_lists, mine, reg.backend)
+        if name not in reg.groups:  # a coordinator per partition, created once
+            reg.groups[name] = _vllm_group(ps, name, rank_lists, mine, reg.backend)
+        return reg.groups[name]
     for ranks in rank_lists:  # same order on every rank
         key = tuple(sorted(ranks))
         if key in reg._created:

@@ -14,6 +14,12 @@ from typing import Any
 from tp_passes.config import TPConfig
 
 BACKEND = "tp_passes"
+# why module TP across DP ranks is refused inside vLLM (graph and eager paths)
+VLLM_MODULE_TP = (
+    "module TP across DP ranks is not implemented inside vLLM: its DP engines step "
+    "independently (an idle rank runs a dummy batch without this layer, e.g. no logits), "
+    "so a collective across DP ranks could hang"
+)
 
 
 def tp_passes_dict(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -36,6 +42,18 @@ def config_from_vllm(vllm_config: Any, options: Mapping[str, Any] | None = None,
     return TPConfig.from_dict(options or {}, base=cfg)
 
 
+_LOADED: list[Any] = []  # the config of the model this vLLM worker loaded (see `remember`)
+
+
+def remember(vllm_config: Any) -> None:
+    """Called by the plugin when a vLLM worker has loaded its model.
+
+    vLLM compiles later, inside its first forward, without its config set as current;
+    the backend finds the worker's config here.
+    """
+    _LOADED[:] = [vllm_config]
+
+
 def current_vllm_config() -> Any | None:
     """vLLM's config of this process when vLLM is running here, else None."""
     import sys
@@ -44,7 +62,8 @@ def current_vllm_config() -> Any | None:
         return None
     from vllm.config import get_current_vllm_config_or_none
 
-    return get_current_vllm_config_or_none()
+    current = get_current_vllm_config_or_none()
+    return current if current is not None else (_LOADED[0] if _LOADED else None)
 
 
 def uses_tp_passes(vllm_config: Any) -> bool:

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from tp_passes.eager import RowParallel, parallelize
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
-from tp_passes.vllm.config import config_from_vllm
+from tp_passes.vllm.config import VLLM_MODULE_TP, config_from_vllm
 
 
 def _device_group(module: nn.Module) -> Any:
@@ -78,22 +78,23 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
     return RowParallel(weight, bias, _device_group(module), partial=partial, wrap=wrap, why_opaque=why)
 
 
-def parallelize_vllm(model: nn.Module, vllm_config: Any) -> list[dict]:
-    """Apply the configured rewrites to a loaded vLLM model in place (every TP rank)."""
+def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> list[dict]:
+    """Apply the configured rewrites to a loaded vLLM model in place (every TP rank).
+
+    `compiled`: the model's forward goes through the backend, so only what runs outside
+    the graph is handled here (the logits path: lm_head TP, refused for now).
+    """
     config = config_from_vllm(vllm_config)
-    report = GraphReport(next_graph_id(), rank())
-    unsupported = [k for k in ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp") if getattr(config, k)]
+    kinds = ("lmhead_tp",) if compiled else ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp")
+    unsupported = [k for k in kinds if getattr(config, k)]
     if unsupported and config.strict:
-        raise RuntimeError(f"tp_passes (strict): module TP on vLLM's layers is not implemented: {unsupported}")
-    if unsupported:
-        # vLLM's layers keep prepacked or quantized weights and shard them over TP already;
-        # module TP across DP ranks is implemented for plain modules only
-        report.entries += [Entry(k, "", False, "module TP on vLLM's layers is not implemented", blocked=True)
-                           for k in unsupported]
-        config = dataclasses.replace(config, **{k: 0 for k in unsupported})
-    entries = parallelize(model, config, recognize=as_vllm_row_parallel)
-    report.entries += [Entry(**e) for e in entries]
-    dumper = Dumper(config.dump, config.dump_dir, report.graph_id)
-    dumper.report(report)
-    record(report)
-    return entries
+        raise RuntimeError(f"tp_passes (strict): {', '.join(unsupported)}: {VLLM_MODULE_TP}")
+    entries = [Entry(k, "", False, VLLM_MODULE_TP, getattr(config, k), blocked=True) for k in unsupported]
+    if not compiled:
+        eager_config = dataclasses.replace(config, **{k: 0 for k in unsupported})
+        entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=as_vllm_row_parallel)]
+    if entries:
+        report = GraphReport(next_graph_id(), rank(), entries, config=config.to_dict())
+        Dumper(config.dump, config.dump_dir, report.graph_id).report(report)
+        record(report)
+    return [dataclasses.asdict(e) for e in entries]

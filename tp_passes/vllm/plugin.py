@@ -6,9 +6,10 @@ once. It installs two hooks, each at most once per process:
 1. Config: wraps the current platform's `apply_config_platform_defaults` (vLLM's hook for
    platform defaults, called right before the compilation mode is chosen) to pick
    DYNAMO_TRACE_ONCE for our backend (`tp_passes.vllm.config.select_compilation_mode`).
-2. Eager: with ``enforce_eager=True`` nothing is compiled, so after the model runner
-   loads the model the same rewrites are applied to vLLM's layers
-   (`tp_passes.vllm.eager.parallelize_vllm`).
+2. Model load: with ``enforce_eager=True`` nothing is compiled, so after the model
+   runner loads the model the same rewrites are applied to vLLM's layers
+   (`tp_passes.vllm.eager.parallelize_vllm`); when compiling, only the logits path,
+   which vLLM runs outside the graph, is handled there.
 
 Nothing happens unless the compilation backend is "tp_passes".
 """
@@ -38,13 +39,14 @@ def _before_platform_defaults(vllm_config: Any) -> None:
 def _after_load_model(runner: Any) -> None:
     from vllm.config import CompilationMode
 
-    from tp_passes.vllm.config import uses_tp_passes
+    from tp_passes.vllm.config import remember, uses_tp_passes
 
     cfg = runner.vllm_config
-    if uses_tp_passes(cfg) and cfg.compilation_config.mode == CompilationMode.NONE:
+    if uses_tp_passes(cfg):
+        remember(cfg)
         from tp_passes.vllm.eager import parallelize_vllm
 
-        parallelize_vllm(runner.model, cfg)
+        parallelize_vllm(runner.model, cfg, compiled=cfg.compilation_config.mode != CompilationMode.NONE)
 
 
 def _model_runner_classes() -> list[type]:
