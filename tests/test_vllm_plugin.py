@@ -1,0 +1,91 @@
+"""The vLLM plugin without an engine: registration, mode selection, configuration."""
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
+
+from vllm.config import CompilationConfig, CompilationMode, VllmConfig  # noqa: E402
+
+from tp_passes.config import TPConfig  # noqa: E402
+from tp_passes.vllm.config import config_from_vllm, select_compilation_mode  # noqa: E402
+from tp_passes.vllm.plugin import register  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+def _config(backend: str, monkeypatch, **cc) -> VllmConfig:
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "0")  # restored after the test: the hook sets it
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE")
+    cfg = VllmConfig.__new__(VllmConfig)  # only the fields the hook reads; no model needed
+    cfg.compilation_config = CompilationConfig(backend=backend, **cc)
+    cfg.additional_config = {}
+    return cfg
+
+
+def test_register_is_idempotent_and_wraps_once():
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    register()
+    hook, load = type(current_platform).apply_config_platform_defaults, GPUModelRunner.load_model
+    register()
+    register()
+    assert type(current_platform).apply_config_platform_defaults.__func__ is hook.__func__
+    assert GPUModelRunner.load_model is load
+
+
+def test_bare_backend_selects_dynamo_trace_once(monkeypatch):
+    import os
+
+    cfg = _config("tp_passes", monkeypatch)
+    select_compilation_mode(cfg)
+    assert cfg.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE
+    assert "none" in cfg.compilation_config.custom_ops
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+
+
+def test_explicit_choices_are_kept(monkeypatch):
+    cfg = _config("tp_passes", monkeypatch, mode=CompilationMode.STOCK_TORCH_COMPILE, custom_ops=["all"])
+    select_compilation_mode(cfg)
+    assert cfg.compilation_config.mode == CompilationMode.STOCK_TORCH_COMPILE
+    assert cfg.compilation_config.custom_ops == ["all"]
+
+
+def test_other_backends_untouched(monkeypatch):
+    cfg = _config("inductor", monkeypatch)
+    select_compilation_mode(cfg)
+    assert cfg.compilation_config.mode is None and cfg.compilation_config.custom_ops == []
+
+
+def test_aot_compile_forced_on_is_an_error(monkeypatch):
+    cfg = _config("tp_passes", monkeypatch)
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    with pytest.raises(ValueError, match="VLLM_USE_AOT_COMPILE=1"):
+        select_compilation_mode(cfg)
+
+
+def test_piecewise_mode_is_an_error(monkeypatch):
+    with pytest.raises(Exception, match="Invalid backend for piecewise"):  # vLLM's own check
+        _config("tp_passes", monkeypatch, mode=CompilationMode.VLLM_COMPILE)
+
+
+def test_config_precedence(monkeypatch):
+    cfg = _config("tp_passes", monkeypatch)
+    cfg.additional_config = {"finegrained_tp_config": {"oproj_tensor_parallel_size": 2},
+                             "tp_passes": {"flashcomm2": 0, "inner": "eager", "strict": True}}
+    got = config_from_vllm(cfg, environ={"TP_PASSES_INNER": "inductor", "TP_PASSES_DUMP": "1"})
+    assert (got.oproj_tp, got.inner, got.strict, got.dump) == (2, "eager", True, True)
+    assert config_from_vllm(cfg, {"inner": "torchair"}, environ={}).inner == "torchair"
+    assert config_from_vllm(_config("tp_passes", monkeypatch), environ={}) == TPConfig()
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"tp_passes": {"flashcom2": 1}}, "flashcom2"),
+    ({"tp_passes": {"flashcomm2": "two"}}, "flashcomm2"),
+    ({"tp_passes": [1]}, r"additional_config\['tp_passes'\]"),
+])
+def test_bad_config_names_the_key(monkeypatch, extra, match):
+    cfg = _config("tp_passes", monkeypatch)
+    cfg.additional_config = extra
+    with pytest.raises(ValueError, match=match):
+        select_compilation_mode(cfg)
