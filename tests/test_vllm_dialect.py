@@ -22,7 +22,10 @@ import torch
 
 pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
 
+from tp_passes.config import TPConfig  # noqa: E402
+from tp_passes.eager import parallelize  # noqa: E402
 from tp_passes.report import all_reports  # noqa: E402
+from tp_passes.vllm.eager import as_vllm_row_parallel  # noqa: E402
 from tp_passes.testing import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -124,6 +127,9 @@ def _rank(rank, world, dialect, dtype, tokens, options):
             ref = block(ids)
             got = torch.compile(block, backend="tp_passes", dynamic=True,
                                 options={"inner": "eager", **options})(ids)
+            # the eager path on the same layers (what enforce_eager=True runs)
+            eager_entries = parallelize(block, TPConfig.from_dict(options), recognize=as_vllm_row_parallel)
+            eager = block(ids)
     report = all_reports()[-1]
     odp = ""
     if any(e.rewrite == "flashcomm2" and e.applied for e in report.entries):
@@ -133,6 +139,8 @@ def _rank(rank, world, dialect, dtype, tokens, options):
         odp = getattr(get_group_info(f"fc2_odp_{options['flashcomm2']}").coordinator, "unique_name", "")
     return {
         "diff": ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item(),
+        "eager_diff": ((eager.float() - ref.float()).abs().max() / ref.float().abs().max()).item(),
+        "eager": [(e["rewrite"], e["module"], e["applied"], e["reason"]) for e in eager_entries],
         "entries": [(e.rewrite, e.module, e.applied, e.reason) for e in report.entries],
         "dialects": sorted({e.details.get("dialect") for e in report.entries}),
         "collectives": report.collectives,
@@ -159,6 +167,9 @@ def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
         assert len(applied) == N_AR and applied[0] == "embed_tokens", r["entries"]
         assert r["collectives"] == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, r["collectives"]
         assert r["wire_before"] > 0  # vLLM's all-reduces are counted in the original graph
+        assert r["eager_diff"] <= tol, r["eager_diff"]
+        assert sorted(m for rw, m, ok, _ in r["eager"] if ok) == sorted(
+            ["embed_tokens"] + [f"layers.{i}.{p}" for i in range(LAYERS) for p in ("o_proj", "down_proj")])
 
 
 def test_flashcomm2_on_vllm_all_reduce_dialect():
@@ -168,6 +179,8 @@ def test_flashcomm2_on_vllm_all_reduce_dialect():
         fc2 = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "flashcomm2")
         assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], r["entries"]
         assert r["odp"].startswith("tp_passes_fc2_odp_1"), r["odp"]  # a vLLM GroupCoordinator
+        assert r["eager_diff"] <= 1e-5, r["eager_diff"]
+        assert sorted(m for rw, m, ok, _ in r["eager"] if ok and rw == "flashcomm2") == fc2, r["eager"]
         assert r["collectives"].get("all_to_all_single") == LAYERS and "all_reduce" not in r["collectives"], r["collectives"]
 
 
@@ -177,5 +190,8 @@ def test_flashcomm2_skipped_on_prepacked_cpu_weights():
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = [(m, ok, why) for rw, m, ok, why in r["entries"] if rw == "flashcomm2"]
         assert len(fc2) == LAYERS and all(not ok and "onednn" in why for _, ok, why in fc2), fc2
+        assert r["eager_diff"] <= 1e-5, r["eager_diff"]
+        eager_fc2 = [(ok, why) for rw, m, ok, why in r["eager"] if rw == "flashcomm2"]
+        assert len(eager_fc2) == LAYERS and all(not ok and "prepacked" in why for ok, why in eager_fc2), eager_fc2
         # sequence parallelism still takes every all-reduce
         assert r["collectives"] == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, r["collectives"]

@@ -57,7 +57,6 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
         return None
     original = module.forward
     returns_bias = linear and module.return_bias
-    box: dict[str, Any] = {}
 
     def partial(x: torch.Tensor) -> torch.Tensor:
         module.reduce_results = False  # the layer's own matmul/lookup, bias on rank 0 only
@@ -65,12 +64,10 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
             out = original(x)
         finally:
             module.reduce_results = True
-        if returns_bias:
-            out, box["bias"] = out
-        return out
+        return out[0] if returns_bias else out
 
-    def wrap(y: torch.Tensor) -> Any:
-        return (y, box.get("bias")) if returns_bias else y
+    def wrap(y: torch.Tensor) -> Any:  # RowParallelLinear's (output, output_bias) form
+        return (y, module.bias if module.skip_bias_add else None) if returns_bias else y
 
     why = _opaque_weight(module) if linear else "not a linear"
     weight = None if why else module.weight
