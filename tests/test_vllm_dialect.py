@@ -106,21 +106,27 @@ def _block(dialect: str, dtype: torch.dtype):
 DIALECT = {"vllm.all_reduce": "vllm.all_reduce", "shm": "_C.shm_allreduce"}
 
 
-def _ranks(world, dialect, dtype, tokens, options):
+def _ranks(fn, world, *args):
     # the CPU shm communicator names its segment after VLLM_DIST_IDENT (vLLM's worker sets it)
     env = {"VLLM_DIST_IDENT": f"tp_passes_test_{uuid.uuid4().hex[:12]}"}
-    return run_ranks(_rank, world, dialect, dtype, tokens, options, timeout=300, env=env)
+    return run_ranks(fn, world, *args, timeout=300, env=env)
+
+
+def _vllm_parallel_state(rank, world):
+    """vLLM's world and TP coordinators on the gloo world `run_ranks` made."""
+    import vllm._custom_ops  # noqa: F401  (loads vllm._C: onednn_mm, shm_allreduce)
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
+    initialize_model_parallel(tensor_model_parallel_size=world)
 
 
 def _rank(rank, world, dialect, dtype, tokens, options):
-    import vllm._custom_ops  # noqa: F401  (loads vllm._C: onednn_mm, shm_allreduce)
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
     torch._dynamo.reset()
     with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
-        initialize_model_parallel(tensor_model_parallel_size=world)
+        _vllm_parallel_state(rank, world)
         block = _block(dialect, dtype)
         ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -158,7 +164,7 @@ N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
     (2, 5, "shm", torch.float32), (2, 8, "shm", torch.float32), (4, 7, "shm", torch.float32),
 ])
 def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
-    res = _ranks(world, dialect, dtype, tokens, {})
+    res = _ranks(_rank, world, dialect, dtype, tokens, {})
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for r in res:
         assert r["diff"] <= tol, r["diff"]
@@ -173,7 +179,7 @@ def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
 
 
 def test_flashcomm2_on_vllm_all_reduce_dialect():
-    res = _ranks(2, "vllm.all_reduce", torch.float32, 7, {"flashcomm2": 1})
+    res = _ranks(_rank, 2, "vllm.all_reduce", torch.float32, 7, {"flashcomm2": 1})
     for r in res:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "flashcomm2")
@@ -185,7 +191,7 @@ def test_flashcomm2_on_vllm_all_reduce_dialect():
 
 
 def test_flashcomm2_skipped_on_prepacked_cpu_weights():
-    res = _ranks(2, "shm", torch.float32, 7, {"flashcomm2": 1})
+    res = _ranks(_rank, 2, "shm", torch.float32, 7, {"flashcomm2": 1})
     for r in res:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = [(m, ok, why) for rw, m, ok, why in r["entries"] if rw == "flashcomm2"]
@@ -195,3 +201,24 @@ def test_flashcomm2_skipped_on_prepacked_cpu_weights():
         assert len(eager_fc2) == LAYERS and all(not ok and "prepacked" in why for ok, why in eager_fc2), eager_fc2
         # sequence parallelism still takes every all-reduce
         assert r["collectives"] == {"reduce_scatter_tensor": N_AR, "all_gather_into_tensor": N_AR}, r["collectives"]
+
+
+def _divergent_eager(rank, world):
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from tp_passes.vllm.eager import parallelize_vllm
+
+    cfg = VllmConfig(additional_config={"tp_passes": {"sequence_parallel": rank == 0}})
+    with set_current_vllm_config(cfg):
+        _vllm_parallel_state(rank, world)
+        block = _block("shm", torch.float32)
+        try:
+            parallelize_vllm(block, cfg, compiled=False)
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
+def test_eager_plan_that_differs_across_ranks_raises_instead_of_hanging():
+    msgs = _ranks(_divergent_eager, 2)
+    assert all(m and "differs across ranks" in m for m in msgs), msgs

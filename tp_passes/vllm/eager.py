@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from tp_passes.eager import RowParallel, parallelize
+from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
 from tp_passes.vllm.config import VLLM_MODULE_TP, config_from_vllm
 
@@ -88,6 +89,12 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
         raise RuntimeError(f"tp_passes (strict): {', '.join(unsupported)}: {VLLM_MODULE_TP}")
     entries = [Entry(k, "", False, VLLM_MODULE_TP, getattr(config, k), blocked=True) for k in unsupported]
     if not compiled:
+        from vllm.distributed import get_tp_group
+
+        # TP ranks must rewrite the same layers the same way, or their collectives hang
+        found = [name for name, m in model.named_modules() if as_vllm_row_parallel(m) is not None]
+        agree_across_ranks((config.to_dict(), found), "the eager rewrite plan (config or vLLM layers)",
+                           group=get_tp_group().cpu_group)
         eager_config = dataclasses.replace(config, **{k: 0 for k in unsupported})
         entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=as_vllm_row_parallel)]
     if entries:
