@@ -89,3 +89,19 @@ def test_bad_config_names_the_key(monkeypatch, extra, match):
     cfg.additional_config = extra
     with pytest.raises(ValueError, match=match):
         select_compilation_mode(cfg)
+
+
+def test_vllm_reduce_scatter_and_all_gather_are_counted_on_the_wire():
+    import torch
+    import vllm.distributed.parallel_state  # noqa: F401  (registers torch.ops.vllm.*)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tp_passes import wire
+
+    def f(x):
+        rs = torch.ops.vllm.reduce_scatter(x, 0, 2, "tp:0")
+        return torch.ops.vllm.all_gather(rs, 0, 2, "tp:0")
+
+    gm = make_fx(f, tracing_mode="fake")(torch.empty(8, 4))
+    rows = wire.collective_bytes(gm)  # f32 [8, 4] = 128 B in; [4, 4] = 64 B gathered
+    assert rows == [{"op": "reduce_scatter", "n": 2, "bytes": 64}, {"op": "all_gather", "n": 2, "bytes": 64}]

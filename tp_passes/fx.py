@@ -63,14 +63,11 @@ class AllReduce:
     dialect: str = "c10d_functional"
 
 
-def vllm_op(name: str) -> Any:
-    ns = getattr(torch.ops, "vllm", None)
+def custom_op(namespace: str, name: str) -> Any:
+    """`torch.ops.<namespace>.<name>.default` if that op is registered (vLLM's are only
+    when vLLM is imported), else None."""
+    ns = getattr(torch.ops, namespace, None)
     return getattr(ns, name).default if ns is not None and hasattr(ns, name) else None
-
-
-def _shm_allreduce() -> Any:
-    ns = getattr(torch.ops, "_C", None)
-    return ns.shm_allreduce.default if ns is not None and hasattr(ns, "shm_allreduce") else None
 
 
 def _functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, fx.Node] | None:
@@ -114,13 +111,13 @@ def as_all_reduce(node: fx.Node) -> AllReduce | None:
         if op == "sum" and len(waits) == 1 and len(node.users) == 1:
             return AllReduce(waits[0], partial, str(group))
         return None
-    vllm_all_reduce = vllm_op("all_reduce")
+    vllm_all_reduce = custom_op("vllm", "all_reduce")
     if vllm_all_reduce is not None and node.target is vllm_all_reduce:
         from tp_passes.vllm.dialect import torch_group_name
 
         name = node.kwargs.get("group_name", node.args[1] if len(node.args) > 1 else None)
         return AllReduce(node, node.args[0], torch_group_name(name), "vllm.all_reduce")
-    shm = _shm_allreduce()
+    shm = custom_op("_C", "shm_allreduce")
     if shm is not None and (found := _functionalized_inplace(node, shm, "data")) is not None:
         from tp_passes.vllm.dialect import shm_group_name
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from tp_passes.fx import vllm_op, as_all_reduce, c10d, val
+from tp_passes.fx import as_all_reduce, c10d, custom_op, val
 
 
 def _hint(s: Any) -> int:
@@ -52,11 +52,12 @@ def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str
         elif t == c10d.all_to_all_single.default:
             n = _resolve_process_group(node.args[3]).size()
             rows.append({"op": "all_to_all", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n})
-        elif t in (vllm_op("reduce_scatter"), vllm_op("all_gather")) and t is not None:
-            # vllm.reduce_scatter / all_gather(x, dim, world_size, group_name)
-            n, s = node.args[2], _nbytes(val(node.args[0]))
-            op = "reduce_scatter" if t is vllm_op("reduce_scatter") else "all_gather"
-            rows.append({"op": op, "n": n, "bytes": (n - 1) * s // n if op == "reduce_scatter" else (n - 1) * s})
+        elif t is not None and t is custom_op("vllm", "reduce_scatter"):  # (x, dim, world_size, group_name)
+            n = node.args[2]
+            rows.append({"op": "reduce_scatter", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n})
+        elif t is not None and t is custom_op("vllm", "all_gather"):
+            n = node.args[2]
+            rows.append({"op": "all_gather", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0]))})
         elif (ar := as_all_reduce(node)) is not None:  # vLLM's all-reduce dialects
             n = _resolve_process_group(ar.group_name).size()
             s = _nbytes(val(ar.partial))
