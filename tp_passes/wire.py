@@ -39,9 +39,10 @@ def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str
         if node.op != "call_function":
             continue
         t = node.target
-        if t == c10d.all_reduce.default:
-            n = _resolve_process_group(node.args[2]).size()
-            s = _nbytes(val(node.args[0]))
+        if t == c10d.all_reduce.default or (ar := as_all_reduce(node)) is not None:
+            # any all-reduce op (functional, vLLM custom op, CPU shm): (tensor, group)
+            tensor, group = (node.args[0], node.args[2]) if t == c10d.all_reduce.default else (ar.partial, ar.group_name)
+            n, s = _resolve_process_group(group).size(), _nbytes(val(tensor))
             rows.append({"op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n})
         elif t == c10d.reduce_scatter_tensor.default:
             n = node.args[2]
@@ -58,10 +59,6 @@ def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str
         elif t is not None and t is custom_op("vllm", "all_gather"):
             n = node.args[2]
             rows.append({"op": "all_gather", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0]))})
-        elif (ar := as_all_reduce(node)) is not None:  # vLLM's all-reduce dialects
-            n = _resolve_process_group(ar.group_name).size()
-            s = _nbytes(val(ar.partial))
-            rows.append({"op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n})
     return rows
 
 
