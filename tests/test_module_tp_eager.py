@@ -12,7 +12,7 @@ ALL = {"oproj_tp": 2, "embedding_tp": 2, "lmhead_tp": 2, "mlp_tp": 2}
 
 
 def _eager(rank, world, sizes, shapes, dtype, model_kwargs, release):
-    cfg = ModelConfig(vocab=37, intermediate=26, layers=2, **model_kwargs)  # 37 % k != 0
+    cfg = ModelConfig(**{"vocab": 37, "intermediate": 26, "layers": 2, **model_kwargs})  # 37 % k != 0
     ids = torch.randint(0, cfg.vocab, shapes[rank], generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         ref = TPLlama(cfg, None).to(dtype)(ids)  # pure DP: no TP group, all weights local
@@ -23,7 +23,9 @@ def _eager(rank, world, sizes, shapes, dtype, model_kwargs, release):
     rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     freed = sorted({e["module"] for e in entries})
     empty = [n for n, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
-    return rel, sorted(e["rewrite"] for e in entries), freed, empty, params_before
+    params_after = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
+    shapes = {n: list(p.shape) for n, p in model.state_dict().items()}
+    return rel, sorted(e["rewrite"] for e in entries), freed, empty, params_before, params_after, shapes
 
 
 @pytest.mark.parametrize("world, k", [(2, 2), (4, 4), (4, 2)])
@@ -48,16 +50,21 @@ def test_hf_style_3d_tied_embeddings_biased_o_proj(merged):
         assert rewrites.count("mlp_tp") == 2
 
 
-def test_release_weights_frees_the_full_weights():
-    res = run_ranks(_eager, 2, ALL, [(4,), (6,)], torch.float32, {}, True)
-    for rel, _, modules, empty, _ in res:
-        assert rel <= 1e-5  # still correct after the full weights are gone
-        assert sorted(empty) == sorted([
-            "embed_tokens.weight", "lm_head.weight",
-            "layers.0.self_attn.o_proj.weight", "layers.1.self_attn.o_proj.weight",
-            "layers.0.mlp.gate_up_proj.weight", "layers.1.mlp.gate_up_proj.weight",
-            "layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight",
-        ])
+def test_parameters_become_the_shards():
+    # the module's parameter *is* the shard (as parallelize_module would have it): no
+    # zero-storage leftovers, and the parameter bytes per rank are halved at k = 2
+    res = run_ranks(_eager, 2, ALL, [(4,), (6,)], torch.float32, {"vocab": 96, "intermediate": 96}, True)
+    for rel, _, modules, empty, params_before, params_after, shapes in res:
+        assert rel <= 1e-5
+        assert empty == []
+        assert shapes["layers.0.self_attn.o_proj.weight"] == [64, 32]  # [H, A/k]
+        assert shapes["embed_tokens.weight"] == [48, 64] and shapes["lm_head.weight"] == [48, 64]
+        assert shapes["layers.0.mlp.gate_up_proj.weight"] == [96, 64]  # half of each of gate, up
+        assert shapes["layers.0.mlp.down_proj.weight"] == [64, 48]
+        # half of embedding + lm_head (96x64 each), 2 o_proj (64x64), 2 gate_up (192x64) and
+        # 2 down (64x96), fp32: the rest (q/k/v, norms) is untouched
+        full = 4 * (2 * 96 * 64 + 2 * 64 * 64 + 2 * 192 * 64 + 2 * 64 * 96)
+        assert params_before - params_after == full // 2
 
 
 def _override(rank, world):

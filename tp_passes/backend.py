@@ -24,10 +24,14 @@ from torch._guards import detect_fake_mode
 
 from tp_passes import comm, weights, wire
 from tp_passes.config import TPConfig
-from tp_passes.fx import AllReduce, Matmul, as_all_reduce, describe_producer, find_all_reduces, match_matmul, module_of, path_from_source, placeholder_of, val
+from tp_passes.fx import (
+    AllReduce, Matmul, as_all_reduce, describe_producer, find_all_reduces, match_matmul, module_of,
+    path_from_source, placeholder_of, reduced_matmuls, val,
+)
+from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks, flashcomm2_groups, module_tp_group
-from tp_passes.lowering import mm_reduce_scatter_impl
-from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, selects
+from tp_passes.lowering import KEEP_UNDECOMPOSED, decompose_kept, mm_reduce_scatter_impl
+from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, module_tp_forward, selects, shard_specs
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
@@ -45,11 +49,13 @@ class Site:
     weight_index: int | None  # graph input index of the matmul weight
     n: int
     j: int
+    ranks: tuple[int, ...]  # the group's global ranks
+    reason: str = ""  # why no rewrite can take this all-reduce ("" if one may)
 
     def invariant(self) -> tuple:
         """What must be equal on every rank (bias placement may differ)."""
         w = val(self.matmul.weight).shape if self.matmul else None
-        return (self.module, self.n, str(w), self.matmul is not None)
+        return (self.module, self.n, str(w), self.matmul is not None, self.reason)
 
 
 @dataclass
@@ -60,6 +66,18 @@ class Plan:
     any_bias: bool = False
     entries: list[Entry] = field(default_factory=list)
     module: ModuleMatch | None = None
+    groups: Any = None  # NamedGroup (module TP) or FlashComm2Groups, made by `prepare`
+    derived: list[weights.Derived] = field(default_factory=list)  # its derived weights
+
+
+@dataclass
+class Agreed:
+    """What every rank learned from the one cross-rank exchange of a compile."""
+
+    site_bias: list[bool]  # per site: does any rank add a bias before the reduce
+    module_bias: list[bool]  # per module match: does any rank's module have a bias
+    layout: RankLayout | None  # the layout the model's TP groups imply (None: they do not)
+    layout_reason: str  # why there is no layout
 
 
 def _source_names(gm: fx.GraphModule) -> list[str]:
@@ -117,9 +135,7 @@ class TPBackend:
         self.real_inputs = real_inputs
         self.input_names = input_names
         self.module_groups: dict[str, Any] = {}  # module TP groups the graph uses
-        # full weights the rewritten graph no longer reads; freed only once every derived
-        # weight exists (tied weights are read by two rewrites)
-        self.release_after_rewrite: list[torch.Tensor] = []
+        self.derived: list[weights.Derived] = []  # extra graph inputs, in binding order
 
     # -- analysis -------------------------------------------------------------------------
     def sites(self, gm: fx.GraphModule) -> list[Site]:
@@ -132,59 +148,96 @@ class TPBackend:
             widx = index.get(src) if src is not None else None
             module = module_of(self.input_names[widx]) if widx is not None else ""
             pg = _group(ar.group_name)
-            out.append(Site(ar, mm, module, widx if mm else None, pg.size(), pg.rank()))
+            ranks = tuple(sorted(dist.get_process_group_ranks(pg)))
+            site = Site(ar, mm, module, widx if mm else None, pg.size(), pg.rank(), ranks)
+            if val(ar.partial).dim() < 2:  # a global statistic, not a [tokens, features] value
+                site.reason = f"{val(ar.partial).dim()}-dim all-reduce has no token dimension"
+            out.append(site)
         return out
 
-    def agree(self, sites: list[Site], modules: list[ModuleMatch]) -> list[bool]:
-        """Check the plan's inputs are equal on all ranks; return any-rank-has-bias per site."""
-        local = [s.matmul is not None and s.matmul.bias is not None for s in sites]
+    def agree(self, sites: list[Site], modules: list[ModuleMatch], released: list[str]) -> Agreed:
+        """Check the plan's inputs are equal on all ranks; exchange the per-rank facts.
+
+        Runs on every compile, also when this rank found nothing: a rank that skipped it
+        would leave the others waiting (configs that differ raise here instead).
+        """
+        local = (
+            [s.matmul is not None and s.matmul.bias is not None for s in sites],
+            [m.has_bias for m in modules],
+            sorted({s.ranks for s in sites if s.n > 1}),
+        )
         invariant = {
             "config": self.config.to_dict(),
             "sites": [s.invariant() for s in sites],
             "modules": [m.invariant() for m in modules],
+            "released": released,
         }
-        biases = agree_across_ranks(invariant, "the rewrite plan (config or matched graph)", local)
-        return [any(b[i] for b in biases) for i in range(len(sites))]
+        everyone = agree_across_ranks(invariant, "the rewrite plan (config or matched graph)", local)
+        layout, why = None, ""
+        rank_groups = [groups if groups else [(r,)] for r, (_, _, groups) in enumerate(everyone)]
+        if any(len(g) > 1 for g in rank_groups):
+            why = "the model's all-reduces use more than one group per rank"
+        else:
+            try:
+                layout = RankLayout.from_tp_groups(len(everyone), [g[0] for g in rank_groups])
+            except ValueError as e:
+                why = str(e)
+        return Agreed(
+            [any(e[0][i] for e in everyone) for i in range(len(sites))],
+            [any(e[1][i] for e in everyone) for i in range(len(modules))],
+            layout, why,
+        )
 
-    def plan(self, sites: list[Site], any_bias: list[bool]) -> list[Plan]:
+    def plan(self, sites: list[Site], agreed: Agreed, consumed: set[fx.Node]) -> list[Plan]:
+        """`consumed`: matmuls a module TP rewrite replaces (their all-reduce stays plain)."""
         cfg = self.config
         plans = []
-        for site, bias in zip(sites, any_bias):
+        for site, bias in zip(sites, agreed.site_bias):
+            if site.matmul is not None and site.matmul.mm in consumed:
+                site.matmul, site.weight_index = None, None
             p = Plan(site, "keep", any_bias=bias)
-            e = lambda rw, ok, why="", blocked=False, **d: p.entries.append(  # noqa: E731
-                Entry(rw, site.module, ok, why, site.n, {"dialect": site.ar.dialect, **d}, blocked)
-            )
+
+            def entry(rw: str, ok: bool, why: str = "", blocked: bool = False, **d: Any) -> None:
+                details = {"dialect": site.ar.dialect, **d}
+                p.entries.append(Entry(rw, site.module, ok, why, site.n, details, blocked))
+
             sp_on = cfg.sequence_parallel in (True, "auto")
             fuse_on = cfg.fuse_mm_reduce_scatter in (True, "auto")
-            if site.n == 1:
-                e("sequence_parallel", False, "all-reduce over a group of size 1")
+            if site.n == 1 or site.reason:
+                entry("sequence_parallel", False, site.reason or "all-reduce over a group of size 1")
                 plans.append(p)
                 continue
             if cfg.flashcomm2 and selects(cfg, "oproj_tp", site.module):
-                why = self._flashcomm2_blocker(site)
+                why = self._flashcomm2_blocker(site) or agreed.layout_reason
                 if why:
-                    e("flashcomm2", False, why, blocked=True)
+                    entry("flashcomm2", False, why, blocked=True)
                 else:
                     p.producer = "flashcomm2"
-                    e("flashcomm2", True, m=cfg.flashcomm2)
+                    entry("flashcomm2", True, m=cfg.flashcomm2)
             if p.producer == "keep" and (sp_on or (cfg.fuse_mm_reduce_scatter is True and site.matmul)):
                 p.producer = "reduce_scatter"
                 p.fuse = fuse_on and site.matmul is not None
                 if sp_on:
-                    e("sequence_parallel", True)
+                    entry("sequence_parallel", True)
                 if site.matmul is not None:
                     if not fuse_on:
-                        e("mm_reduce_scatter", False, "fuse_mm_reduce_scatter=False")
+                        entry("mm_reduce_scatter", False, "fuse_mm_reduce_scatter=False")
                     else:
-                        e("mm_reduce_scatter", True)
+                        entry("mm_reduce_scatter", True)
             elif p.producer == "keep" and not p.entries:
-                e("sequence_parallel", False, "sequence_parallel=False")
+                entry("sequence_parallel", False, "sequence_parallel=False")
             plans.append(p)
         return plans
 
-    def _module_tp_plans(self, modules: list[ModuleMatch]) -> list[Plan]:
+    def _module_tp_plans(self, modules: list[ModuleMatch], agreed: Agreed) -> list[Plan]:
         plans = []
-        for m in modules:
+        for m, bias in zip(modules, agreed.module_bias):
+            m.decide(bias)
+            if not m.reason and agreed.layout is None:
+                m.reason = f"no rank layout for module TP: {agreed.layout_reason}"
+            if not m.reason and agreed.layout.dp % m.k:
+                m.reason = (f"{m.kind}={m.k} does not divide the data-parallel size "
+                            f"dp={agreed.layout.dp} (world {agreed.layout.world_size} / tp {agreed.layout.tp})")
             p = Plan(None, "skip" if m.reason else "module_tp", module=m)
             ok = not m.reason
             p.entries.append(Entry(m.kind, m.module, ok, m.reason or
@@ -192,44 +245,6 @@ class TPBackend:
                                    m.k, blocked=not ok))
             plans.append(p)
         return plans
-
-    def _apply_module_tp(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode, tp: int) -> None:
-        m = p.module
-        names = [self.input_names[self._input_index(gm, w)] for w in m.weights]
-        reals = [self.real_inputs[self._input_index(gm, w)] for w in m.weights]
-        group, shards = outside_compile(self._module_shards, m, reals, tp)
-        g, k, j = group.group_name, m.k, dist.get_rank(group.pg)
-        nodes = [self._bind(gm, t, extra, fake_mode, f"{m.kind}_w{len(extra)}") for t in shards]
-        args = [m.x, *nodes] + ([m.bias] if m.bias is not None else [])
-        if m.kind == "oproj_tp":
-            fn = lambda x, w, b=None: comm.oproj_dp(x, w, g, k) + (0 if b is None else b)  # noqa: E731
-        elif m.kind == "embedding_tp":
-            fn = lambda ids, w: comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)  # noqa: E731
-        elif m.kind == "lmhead_tp":
-            vocab = val(m.weights[0]).shape[0]
-            fn = lambda h, w: comm.lmhead_dp(h, w, g, k, vocab)  # noqa: E731
-        elif len(shards) == 2:  # merged gate_up, sharded half by half
-            fn = lambda x, gu, d: comm.mlp_dp(x, *gu.chunk(2), d, g, k)  # noqa: E731
-        else:
-            fn = lambda x, gate, up, d: comm.mlp_dp(x, gate, up, d, g, k)  # noqa: E731
-        out = sharding.splice(fn, args, m.out)
-        m.out.replace_all_uses_with(out)
-        self.module_groups[group.group_name] = group.pg
-        before = sum(t.numel() * t.element_size() for t in reals)
-        p.entries[0].details.update(
-            weights=names, weight_bytes_before=before,
-            weight_bytes_after=sum(t.numel() * t.element_size() for t in shards),
-            wire_bytes_per_step=wire.total(wire.collective_bytes(out.meta["tp_passes_inserted"])),
-        )
-        self.release_after_rewrite.extend(reals)
-
-    def _module_shards(self, m: ModuleMatch, reals: list[torch.Tensor], tp: int) -> tuple:
-        group = module_tp_group(m.k, tp)
-        specs = {"oproj_tp": [("shard", 1)], "embedding_tp": [("shard", 0)], "lmhead_tp": [("shard", 0)],
-                 "mlp_tp": [("shard_halves", 0), ("shard", 1)] if len(reals) == 2
-                 else [("shard", 0), ("shard", 0), ("shard", 1)]}[m.kind]
-        shards = [weights.materialize(t, weights.WeightSpec(kind, dim, group.pg)) for t, (kind, dim) in zip(reals, specs)]
-        return group, shards
 
     def _flashcomm2_blocker(self, site: Site) -> str:
         why = flashcomm2_size_error(self.config.flashcomm2, site.n)
@@ -245,37 +260,68 @@ class TPBackend:
             return "o_proj weight has no real tensor at compile time"
         return ""
 
+    # -- weights and groups (collectives, in plan order, the same on every rank) ----------
+    def prepare(self, gm: fx.GraphModule, plans: list[Plan], layout: RankLayout | None) -> None:
+        """Create the groups the plans use and make their derived weights."""
+        for p in plans:
+            if p.producer == "module_tp":
+                m = p.module
+                group = module_tp_group(m.k, layout)
+                p.groups = group
+                reals = [self.real_inputs[self._input_index(gm, w)] for w in m.weights]
+                names = [self.input_names[self._input_index(gm, w)] for w in m.weights]
+                specs = shard_specs(m.kind, len(reals))
+                p.derived = [weights.Derived(n, weights.WeightSpec(kind, dim, group.pg), t, t)
+                             for n, t, (kind, dim) in zip(names, reals, specs)]
+            elif p.producer == "flashcomm2":
+                site, mm = p.site, p.site.matmul
+                m = self.config.flashcomm2
+                otp, odp = flashcomm2_groups(layout, m)
+                n = site.n
+                p.groups = FlashComm2Groups(otp.group_name, odp.group_name, m, n // m)
+                w_real = self.real_inputs[site.weight_index]
+                w_name = self.input_names[site.weight_index]
+                p.derived = [weights.Derived(w_name, weights.WeightSpec("gather", 1, odp.pg), w_real, w_real)]
+                if p.any_bias:  # rank 0's bias, summed with zeros from the others: one bias everywhere
+                    b_idx = self._input_index(gm, mm.bias) if mm.bias is not None else None
+                    b_real = self.real_inputs[b_idx] if b_idx is not None else None
+                    like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
+                    spec = weights.WeightSpec("sum", 0, _group(site.ar.group_name))
+                    p.derived.append(weights.Derived(f"{site.module}.bias", spec, b_real, w_real, like))
+        requests = [d for p in plans for d in p.derived]
+        if not requests:  # the plan is agreed: every rank returns here together
+            return
+        weights.materialize(requests)
+
     # -- rewriting ------------------------------------------------------------------------
-    def rewrite(self, gm: fx.GraphModule, example_inputs: list[Any], dumper: Dumper) -> tuple[list[Plan], list[Any]]:
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list[Any], dumper: Dumper) -> list[Plan]:
         fake_mode = detect_fake_mode(example_inputs)
         sites = self.sites(gm)
-        reduced = {s.module for s in sites if s.module}
-        modules = find_module_matches(gm, self.input_names, self.config, reduced)
+        modules = find_module_matches(gm, self.input_names, self.config, reduced_matmuls(gm.graph))
         if self.in_vllm:
             for m in modules:
                 m.reason = m.reason or VLLM_MODULE_TP
-        if not sites and not modules:
-            return [], []
-        any_bias = outside_compile(self.agree, sites, modules)
-        plans = self.plan(sites, any_bias)
-        plans += self._module_tp_plans(modules)
+        released = [self.input_names[i] for i, t in enumerate(self.real_inputs) if weights.is_released(t)]
+        agreed = outside_compile(self.agree, sites, modules, released)
+        module_plans = self._module_tp_plans(modules, agreed)
+        consumed = {p.module.out for p in module_plans if p.producer == "module_tp"}
+        plans = self.plan(sites, agreed, consumed) + module_plans
         blocked = [e for p in plans for e in p.entries if e.blocked]
         if self.config.strict and blocked:  # same on every rank: decided from agreed inputs
             raise RuntimeError(
                 "tp_passes (strict): rewrites that cannot be applied safely: "
                 + "; ".join(f"{e.rewrite} at {e.module or '?'}: {e.reason}" for e in blocked)
             )
+        outside_compile(self.prepare, gm, plans, agreed.layout)
         sharding = TokenSharding(gm, fake_mode, self.decompositions)
-        extra: list[torch.Tensor] = []
-        tp = max((s.n for s in sites), default=1)
         for p in plans:
             if p.producer == "module_tp":
-                self._apply_module_tp(gm, sharding, p, extra, fake_mode, tp)
+                self._apply_module_tp(gm, sharding, p, sites, fake_mode)
         if any(p.producer == "module_tp" for p in plans):
             dumper.graph("after_module_tp", gm)
         for p in plans:
             if p.producer == "flashcomm2":
-                self._produce_flashcomm2(gm, sharding, p, extra, fake_mode)
+                self._produce_flashcomm2(gm, sharding, p, fake_mode)
         dumper.graph("after_flashcomm2", gm)
         for p in plans:
             if p.producer == "reduce_scatter":
@@ -290,9 +336,59 @@ class TPBackend:
         gm.graph.lint()
         gm.recompile()
         dumper.graph("after_sequence_parallel", gm)
+        self._check_released_unread(gm)
         if self.config.release_weights:
-            weights.release(self.release_after_rewrite)
-        return plans, extra
+            self._release(gm, plans)
+        return plans
+
+    def _reads(self, gm: fx.GraphModule) -> set[int]:
+        """ids of the real inputs the graph still reads."""
+        phs = list(gm.graph.find_nodes(op="placeholder"))
+        return {id(self.real_inputs[i]) for i, p in enumerate(phs[: len(self.real_inputs)]) if p.users}
+
+    def _check_released_unread(self, gm: fx.GraphModule) -> None:
+        read = self._reads(gm)
+        names = [self.input_names[i] for i, t in enumerate(self.real_inputs)
+                 if weights.is_released(t) and id(t) in read]
+        if names:  # the released set and the plan are agreed: this raises on every rank
+            raise RuntimeError(
+                f"tp_passes: the compiled graph reads {', '.join(names)}, whose storage was freed "
+                "by release_weights=True in an earlier compile; compile with the same rewrites "
+                "(config) as that compile, or reload the model"
+            )
+
+    def _release(self, gm: fx.GraphModule, plans: list[Plan]) -> None:
+        """Free the full weights the rewritten graph no longer reads (tied ones stay)."""
+        read = self._reads(gm) | weights.read_by_compiled_graphs()
+        for p in plans:
+            for d in p.derived:
+                if d.source is None or d.spec.kind == "sum":
+                    continue
+                entry = p.entries[0]
+                if id(d.source) in read:
+                    entry.details.setdefault("kept_full_weights", []).append(d.name)
+                else:
+                    weights.release([d.source], f"{entry.rewrite} at {entry.module}")
+
+    def _apply_module_tp(self, gm, sharding: TokenSharding, p: Plan, sites: list[Site], fake_mode) -> None:
+        m, group = p.module, p.groups
+        g, k, j = group.group_name, m.k, dist.get_rank(group.pg)
+        nodes = [self._bind(gm, d, fake_mode) for d in p.derived]
+        args = [m.x, *nodes] + ([m.bias] if m.bias is not None else [])
+        fn = module_tp_forward(m, g, k, j, val(m.weights[0]).shape[0])
+        out = sharding.splice(fn, args, m.out)
+        m.out.replace_all_uses_with(out)
+        for s in sites:  # an all-reduce of this output (TP x DP) now reduces the new value
+            if s.ar.partial is m.out:
+                s.ar.partial = out
+        self.module_groups[group.group_name] = group.pg
+        reals = [d.source for d in p.derived]
+        p.entries[0].details.update(
+            weights=[d.name for d in p.derived],
+            weight_bytes_before=sum(t.numel() * t.element_size() for t in reals),
+            weight_bytes_after=sum(d.value.numel() * d.value.element_size() for d in p.derived),
+            wire_bytes_per_step=wire.total(wire.collective_bytes(out.meta["tp_passes_inserted"])),
+        )
 
     def _shape(self, sharding: TokenSharding, site: Site, rows: Any) -> list[Any]:
         partial = site.ar.partial
@@ -327,11 +423,9 @@ class TPBackend:
                 )
         sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
 
-    def _produce_flashcomm2(self, gm, sharding: TokenSharding, p: Plan, extra, fake_mode) -> None:
-        site, mm = p.site, p.site.matmul
-        groups, w_block, bias, weight_bytes_before = outside_compile(self._flashcomm2_weights, gm, p)
-        w_node = self._bind(gm, w_block, extra, fake_mode, f"fc2_w_{len(extra)}")
-        b_node = self._bind(gm, bias, extra, fake_mode, f"fc2_b_{len(extra)}") if bias is not None else None
+    def _produce_flashcomm2(self, gm, sharding: TokenSharding, p: Plan, fake_mode) -> None:
+        site, mm, groups = p.site, p.site.matmul, p.groups
+        w_node, *b_nodes = [self._bind(gm, d, fake_mode) for d in p.derived]
         g = site.ar.group_name
         before = site.ar.result
 
@@ -342,34 +436,14 @@ class TPBackend:
         with gm.graph.inserting_before(before):
             rows = sharding.size(mm.x, 0)
             shape = self._shape(sharding, site, rows)
-        twin = sharding.splice(produce, [mm.x, w_node] + ([b_node] if b_node is not None else []), before)
+        twin = sharding.splice(produce, [mm.x, w_node, *b_nodes], before)
         sharding.add(before, Sharded(twin, g, site.n, site.j, rows, shape))
+        w = p.derived[0]
         for e in p.entries:
-            e.details.update(weight_bytes_before=weight_bytes_before,
-                             weight_bytes_after=w_block.numel() * w_block.element_size(),
+            e.details.update(weight_bytes_before=w.source.numel() * w.source.element_size(),
+                             weight_bytes_after=w.value.numel() * w.value.element_size(),
                              wire_bytes_per_step=wire.total(wire.collective_bytes(twin.meta["tp_passes_inserted"])),
                              wire_note="all_to_all (+ OTP reduce_scatter); the all_gather is counted where SP places it")
-
-    def _flashcomm2_weights(self, gm: fx.GraphModule, p: Plan) -> tuple:
-        """Groups and derived weights for one FlashComm2 match (collective, real tensors)."""
-        site, mm = p.site, p.site.matmul
-        w_real = self.real_inputs[site.weight_index]
-        groups = self._flashcomm2_groups(site)
-        w_block = weights.materialize(w_real, weights.WeightSpec("gather", 1, _group(groups.odp)))
-        bias = None
-        if p.any_bias:  # rank 0's bias, summed with zeros from the others: one bias everywhere
-            b_idx = self._input_index(gm, mm.bias) if mm.bias is not None else None
-            b_real = self.real_inputs[b_idx] if b_idx is not None else None
-            like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
-            bias = weights.materialize(b_real, weights.WeightSpec("sum", 0, _group(site.ar.group_name)), like)
-        weight_bytes_before = w_real.numel() * w_real.element_size()
-        self.release_after_rewrite.append(w_real)
-        return groups, w_block, bias, weight_bytes_before
-
-    def _flashcomm2_groups(self, site: Site) -> FlashComm2Groups:
-        m, n = self.config.flashcomm2, site.n
-        otp, odp = flashcomm2_groups(_group(site.ar.group_name), m)
-        return FlashComm2Groups(otp.group_name, odp.group_name, m, n // m, site.j // (n // m))
 
     def _input_index(self, gm: fx.GraphModule, node: fx.Node) -> int | None:
         for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
@@ -377,12 +451,12 @@ class TPBackend:
                 return i
         return None
 
-    def _bind(self, gm: fx.GraphModule, tensor: torch.Tensor, extra: list, fake_mode, name: str) -> fx.Node:
+    def _bind(self, gm: fx.GraphModule, d: weights.Derived, fake_mode) -> fx.Node:
         last = list(gm.graph.find_nodes(op="placeholder"))[-1]
         with gm.graph.inserting_after(last):
-            node = gm.graph.placeholder(name)
-        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-        extra.append(tensor)
+            node = gm.graph.placeholder(f"tp_passes_w{len(self.derived)}")
+        node.meta["val"] = fake_mode.from_tensor(d.value, static_shapes=True)
+        self.derived.append(d)
         return node
 
 
@@ -419,11 +493,13 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
 
     config, in_vllm = _config(options)
     input_names = _source_names(gm)
-    decomps = None
+    decomps = aot_decomps = None
     if config.inner == "inductor":
         from torch._inductor.decomposition import select_decomp_table
 
         decomps = select_decomp_table()
+        # activations stay whole until the rewrites have matched them (decomposed after)
+        aot_decomps = {op: fn for op, fn in decomps.items() if op not in KEEP_UNDECOMPOSED}
     tp = TPBackend(config, list(example_inputs), input_names, decomps, in_vllm)
 
     def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
@@ -431,16 +507,19 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         report = GraphReport(graph_id, rank(), config=config.to_dict())
         dumper = Dumper(config.dump, config.dump_dir, graph_id)
         dumper.graph("aten", aten_gm)
-        extra: list[torch.Tensor] = []
         report.wire_bytes_before = wire.total(wire.collective_bytes(aten_gm))
         report.nodes = len(aten_gm.graph.nodes)
+        fake_mode = detect_fake_mode(inputs)
         if dist.is_available() and dist.is_initialized():
             t0 = time.perf_counter()
-            plans, extra = tp.rewrite(aten_gm, inputs, dumper)
+            plans = tp.rewrite(aten_gm, inputs, dumper)
             report.rewrite_ms = (time.perf_counter() - t0) * 1e3
             report.entries = [e for p in plans for e in p.entries]
-        fake_mode = detect_fake_mode(inputs)
-        compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
+        if decomps is not None:
+            decompose_kept(aten_gm, decomps, fake_mode)
+        bound = weights.BoundWeights(tp.derived)
+        weights.note_read([t for i, t in enumerate(tp.real_inputs) if id(t) in tp._reads(aten_gm)])
+        compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in bound.values]
         report.collectives = _collective_counts(aten_gm)
         report.wire_rows = wire.collective_bytes(aten_gm)
         report.wire_bytes_after = wire.total(report.wire_rows)
@@ -449,14 +528,14 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         dumper.report(report)
         record(report)
         check_groups = list(tp.module_groups.values()) if config.strict else []
-        if not extra:
+        if not bound.derived:
             return compiled
 
         def run(args: list[Any]) -> Any:
             for pg in check_groups:  # module TP exchanges tokens: equal counts or a hang
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
                 agree_across_ranks(shapes, "input shapes (token counts) across a module TP group", group=pg)
-            return compiled(list(args) + extra)
+            return compiled(list(args) + bound.check())
 
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
@@ -465,9 +544,11 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         report = GraphReport(next_graph_id(), rank())
         report.entries.append(Entry("all", "", False, "training graph: tp_passes rewrites inference graphs only (use torch.no_grad())"))
         record(report)
+        if decomps is not None:
+            decompose_kept(aten_gm, decomps, detect_fake_mode(inputs))
         return _inner(config, aten_gm, inputs)
 
-    return aot_autograd(fw_compiler=training, inference_compiler=inference, decompositions=decomps)(gm, example_inputs)
+    return aot_autograd(fw_compiler=training, inference_compiler=inference, decompositions=aot_decomps)(gm, example_inputs)
 
 
 def _collective_counts(gm: fx.GraphModule) -> dict[str, int]:

@@ -121,14 +121,21 @@ def lmhead_dp(h: torch.Tensor, w_j: torch.Tensor, group: str, k: int, vocab: int
     return mine.reshape(k, t, -1).transpose(0, 1).reshape(t, -1)[:, :vocab]
 
 
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 def mlp_dp(
     x: torch.Tensor, gate_j: torch.Tensor, up_j: torch.Tensor, down_j: torch.Tensor,
-    group: str, k: int, act=F.silu,
+    group: str, k: int, act: str = "silu",
 ) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with gate/up sharded by rows (a merged gate_up weight is
     sharded half by half, see `shard_halves`) and down by columns."""
     xs = funcol.all_gather_single(x, 0, group)  # [kT, H]
-    hmid = act(linear(xs, gate_j)) * linear(xs, up_j)  # [kT, I/k]
+    hmid = ACTIVATIONS[act](linear(xs, gate_j)) * linear(xs, up_j)  # [kT, I/k]
     return funcol.reduce_scatter_single(linear(hmid, down_j), "sum", 0, group)
 
 

@@ -11,27 +11,34 @@ rewrites trace, so the two paths compute the same numbers:
   cannot stay token-sharded, so eagerly this moves the same bytes as the all-reduce; it
   exists so the eager path matches the graph path, not to save bandwidth.
 - FlashComm2: all_to_all + full-width o_proj + all_gather; the gathered weight is made
-  once at `parallelize` time.
+  once at `parallelize` time and becomes the layer's `weight`.
+- module TP across DP ranks (o_proj, embedding, lm_head, MLP): see below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tp_passes import comm, weights
-from tp_passes.config import TPConfig
-from tp_passes.groups.registry import flashcomm2_groups, module_tp_group
+from tp_passes.config import MODULE_NAME_KEYS, TPConfig
+from tp_passes.fx import find_all_reduces, reduced_matmuls, through_views
+from tp_passes.groups.layout import RankLayout
+from tp_passes.groups.registry import agree_across_ranks, flashcomm2_groups, module_tp_group
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.flashcomm2 import flashcomm2_size_error
-from tp_passes.patterns.module_tp import excluded, mlp_names, selects
+from tp_passes.patterns.module_tp import (
+    ModuleMatch, excluded, find_module_matches, mlp_names, module_tp_forward, selects, shard_specs,
+)
 from tp_passes.report import Entry
 
 
@@ -85,113 +92,178 @@ def _sp_forward(rp: RowParallel, device_type: str):
     return forward
 
 
-def _flashcomm2_forward(rp: RowParallel, m: int, release: bool):
-    tp = rp.group
-    n = dist.get_world_size(tp)
-    G = n // m
-    otp, odp = flashcomm2_groups(tp, m)
-    w_block = weights.materialize(rp.weight, weights.WeightSpec("gather", 1, odp.pg))
+def _flashcomm2_forward(rp: RowParallel, module: nn.Module, groups: Any, m: int):
+    """FlashComm2 on a row-parallel layer whose `weight` is now the gathered [H, A/m] block."""
+    n = dist.get_world_size(rp.group)
+    otp, odp, g = groups[0].group_name, groups[1].group_name, rp.group.group_name
     bias = rp.bias.detach().clone() if rp.bias is not None else None
-    if release:
-        weights.release([rp.weight])
-    g = tp.group_name
 
     def forward(self: nn.Module, x: torch.Tensor) -> Any:
         x2 = x.reshape(-1, x.shape[-1])
-        ys = comm.flashcomm2_rows(x2, w_block, odp.group_name, G, otp.group_name, m)
+        ys = comm.flashcomm2_rows(x2, self.weight, odp, n // m, otp, m)
         if bias is not None:
             ys = ys + bias
         return rp.wrap(comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1))
 
-    return forward, w_block
+    return forward
 
 
 # -- module TP across DP ranks ------------------------------------------------------------
+#
+# Which modules, and whether each can be rewritten, is decided by the graph path's own
+# matcher (`find_module_matches`) run on the module traced with make_fx on fake tensors:
+# one decision function for both paths. After the rewrite the module's parameters *are*
+# the shards (as torch's parallelize_module or vLLM's layers hold them), and the new
+# forward reads them from the module, so `state_dict()`, `.to()` and weight loading see
+# the truth.
 
 
-def _module_group(k: int) -> tuple[Any, str, int]:
-    """(process group, group name, my index) of my module TP group of size k."""
-    g = module_tp_group(k, tp=1)
-    return g.pg, g.group_name, dist.get_rank(g.pg)
+@dataclass
+class Candidate:
+    """A module the config selects for module TP, and what the matcher made of it."""
+
+    path: str
+    module: nn.Module
+    match: ModuleMatch | None  # None: the traced module has no such pattern
+    params: dict[str, nn.Parameter]  # leaf name in the module -> parameter (shards replace them)
+    leaves: list[str] = field(default_factory=list)  # the match's weights, replacement order
+    bias_leaf: str | None = None
+    reduce_group: str | None = None  # mlp_tp: the TP all-reduce after down_proj (TP x DP)
+    derived: list[weights.Derived] = field(default_factory=list)
+
+    def invariant(self) -> tuple:
+        return (self.path, self.match.invariant() if self.match else None, self.reduce_group is not None)
+
+
+def _trace(module: nn.Module, path: str, x: torch.Tensor) -> tuple[fx.GraphModule, list[str], list[str]]:
+    """make_fx of module(x) with its parameters as inputs: (graph, input paths, leaf names)."""
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    named = list(module.named_parameters(remove_duplicate=False))
+    leaves = [n for n, _ in named]
+
+    def call(params: list[torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
+        out = functional_call(module, dict(zip(leaves, params)), (inp,))
+        return out[0] if isinstance(out, tuple) else out
+
+    gm = make_fx(call, tracing_mode="fake")([p for _, p in named], x)
+    return gm, [f"{path}.{n}" for n in leaves] + ["x"], leaves
+
+
+def _candidates(model: nn.Module, config: TPConfig) -> list[Candidate]:
+    """Every module a module TP size selects, matched on its own traced graph (no collective)."""
+    out = []
+    for path, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        kinds = [kind for kind in ("oproj_tp", "embedding_tp", "lmhead_tp")
+                 if getattr(config, kind) and selects(config, kind, path) and isinstance(w, torch.Tensor)]
+        names = mlp_names(module) if config.mlp_tp else None
+        if names and not excluded(path, config.include_draft_and_vision) and (
+            not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path)
+        ):
+            kinds.append("mlp_tp")
+            w = getattr(module, names[0]).weight
+        if not kinds:
+            continue
+        kind = kinds[0]
+        if kind == "embedding_tp":
+            x = torch.zeros(2, dtype=torch.int64)
+        else:
+            x = torch.zeros(2, w.shape[1], dtype=w.dtype)
+        gm, input_names, leaves = _trace(module, path, x)
+        one = dataclasses.replace(config, **{k: getattr(config, k) if k == kind else 0 for k in MODULE_NAME_KEYS})
+        found = find_module_matches(gm, input_names, one, reduced_matmuls(gm.graph))
+        match = found[0] if len(found) == 1 else None
+        params = dict(module.named_parameters(remove_duplicate=False))
+        c = Candidate(path, module, match, params)
+        if match is not None:
+            leaf_of = dict(zip(gm.graph.find_nodes(op="placeholder"), leaves))
+            c.leaves = [leaf_of[w] for w in match.weights]
+            c.bias_leaf = leaf_of.get(match.bias)
+            if match.bias is not None and c.bias_leaf is None:
+                match.reason = match.reason or "bias is not a parameter of the module"
+        if match is not None and kind == "mlp_tp":
+            for ar in find_all_reduces(gm.graph):
+                if through_views(ar.partial) is match.out:
+                    c.reduce_group = ar.group_name
+            if c.reduce_group is None and match.out in reduced_matmuls(gm.graph):
+                match.reason = match.reason or "eager: down_proj ends in an in-place all-reduce"
+        out.append(c)
+    return out
+
+
+def _module_forward(c: Candidate, group: Any):
+    """The new forward of a module-TP module; it reads its (sharded) parameters each call."""
+    m, g, k, j = c.match, group.group_name, c.match.k, dist.get_rank(group.pg)
+    fn = module_tp_forward(m, g, k, j, c.derived[0].source.shape[0])
+    module = c.module
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        ws = [module.get_parameter(n) for n in c.leaves]
+        if c.bias_leaf is not None:
+            ws.append(module.get_parameter(c.bias_leaf))
+        if m.kind == "embedding_tp":
+            flat = _tokens_first(lambda ids: fn(ids.reshape(-1), *ws), g, k)(x.reshape(-1, 1))
+            return flat.reshape(*x.shape, -1)
+        y = _tokens_first(lambda t: fn(t, *ws), g, k)(x)
+        if c.reduce_group is not None:
+            y = funcol.all_reduce(y, "sum", c.reduce_group)
+        return y
+
+    return run
 
 
 def _tokens_first(fn, g: str, k: int):
     """Wrap fn(x2d) -> [T', F]: flatten leading dims, pad T to the group max, unpad."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+        x2 = x.reshape(-1, x.shape[-1])
         xp, _ = comm.pad_to_group_max(x2, g, k)
         out = fn(xp)[: x2.shape[0]]
-        lead = x.shape[:-1] if x.dim() > 1 else x.shape
-        return out.reshape(*lead, out.shape[-1])
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return run
 
 
-def _oproj_forward(w: torch.Tensor, bias: torch.Tensor | None, k: int):
-    pg, g, j = _module_group(k)
-    w_j = weights.materialize(w, weights.WeightSpec("shard", 1, pg))  # input columns chunk j
-    return _tokens_first(lambda x: comm.oproj_dp(x, w_j, g, k) + (0 if bias is None else bias), g, k)
+def _plan_module_tp(cands: list[Candidate], everyone: list, layout: RankLayout | None, why: str) -> None:
+    """Decide every candidate the way the graph path does, from agreed facts."""
+    for i, c in enumerate(cands):
+        if c.match is None:
+            continue
+        c.match.decide(any(e[0][i] for e in everyone))
+        if not c.match.reason and layout is None:
+            c.match.reason = f"no rank layout for module TP: {why}"
+        elif not c.match.reason and layout.dp % c.match.k:
+            c.match.reason = f"{c.match.kind}={c.match.k} does not divide dp={layout.dp}"
 
 
-def _embedding_forward(w: torch.Tensor, k: int):
-    pg, g, j = _module_group(k)
-    w_j = weights.materialize(w, weights.WeightSpec("shard", 0, pg))  # vocab rows chunk j (padded)
-    run = _tokens_first(lambda ids: comm.embedding_dp(ids, w_j, j, g, k), g, k)
-    return lambda ids: run(ids.unsqueeze(-1)).reshape(*ids.shape, -1)
-
-
-def _lmhead_forward(w: torch.Tensor, k: int):
-    pg, g, j = _module_group(k)
-    w_j, vocab = weights.materialize(w, weights.WeightSpec("shard", 0, pg)), w.shape[0]  # tied: same shard
-    return _tokens_first(lambda h: comm.lmhead_dp(h, w_j, g, k, vocab), g, k)
-
-
-def _mlp_forward(up_weights: list[torch.Tensor], down: torch.Tensor, act, k: int):
-    """up_weights: [merged gate_up] or [gate, up]."""
-    pg, g, j = _module_group(k)
-    if len(up_weights) == 1:
-        gate_j, up_j = weights.materialize(up_weights[0], weights.WeightSpec("shard_halves", 0, pg)).chunk(2)
-    else:
-        gate_j, up_j = (weights.materialize(w, weights.WeightSpec("shard", 0, pg)) for w in up_weights)
-    down_j = weights.materialize(down, weights.WeightSpec("shard", 1, pg))
-    return _tokens_first(lambda x: comm.mlp_dp(x, gate_j, up_j, down_j, g, k, act), g, k)
-
-
-def _module_tp(model: nn.Module, config: TPConfig) -> tuple[list[Entry], list[torch.Tensor]]:
-    """Apply oproj/embedding/lmhead/mlp TP to modules; return entries and the full weights."""
+def _apply_module_tp(cands: list[Candidate], layout: RankLayout) -> list[Entry]:
+    """Shard the selected modules: their parameters become the shards (tied ones once)."""
     entries: list[Entry] = []
-    full: list[torch.Tensor] = []
-    named = dict(model.named_modules())
-
-    def rewrite(path: str, module: nn.Module, kind: str, k: int, fwd, used: list[torch.Tensor]) -> None:
-        module.forward = types.MethodType(lambda self, x: fwd(x), module)
-        before = sum(w.numel() * w.element_size() for w in used)
-        entries.append(Entry(kind, path, True, "", k, {"weight_bytes_before": before,
-                                                       "weight_bytes_after_approx": before // k}))
-        full.extend(used)
-
-    for path, module in named.items():
-        w = getattr(module, "weight", None)
-        if config.oproj_tp and selects(config, "oproj_tp", path) and isinstance(w, torch.Tensor):
-            k = config.oproj_tp
-            rewrite(path, module, "oproj_tp", k, _oproj_forward(w, getattr(module, "bias", None), k), [w])
-        elif config.embedding_tp and selects(config, "embedding_tp", path) and isinstance(w, torch.Tensor):
-            k = config.embedding_tp
-            rewrite(path, module, "embedding_tp", k, _embedding_forward(w, k), [w])
-        elif config.lmhead_tp and selects(config, "lmhead_tp", path) and isinstance(w, torch.Tensor):
-            k = config.lmhead_tp
-            rewrite(path, module, "lmhead_tp", k, _lmhead_forward(w, k), [w])
-        elif (
-            config.mlp_tp
-            and (names := mlp_names(module)) is not None
-            and not excluded(path, config.include_draft_and_vision)
-            and (not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path))
-        ):
-            k = config.mlp_tp
-            *ups, down = [getattr(module, n).weight for n in names]
-            rewrite(path, module, "mlp_tp", k, _mlp_forward(ups, down, getattr(module, "act_fn", F.silu), k), [*ups, down])
-    return entries, full
+    todo = [c for c in cands if c.match is not None and not c.match.reason]
+    groups = {c.path: module_tp_group(c.match.k, layout) for c in todo}  # collective, agreed order
+    for c in todo:
+        specs = shard_specs(c.match.kind, len(c.leaves))
+        c.derived = [weights.Derived(f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, groups[c.path].pg),
+                                     c.params[leaf], c.params[leaf]) for leaf, (kind, dim) in zip(c.leaves, specs)]
+    weights.materialize([d for c in todo for d in c.derived])
+    shards: dict[tuple, nn.Parameter] = {}  # (id(full), spec key) -> shard: tied weights share one
+    for c in todo:
+        before = after = 0
+        for leaf, d in zip(c.leaves, c.derived):
+            key = (id(d.source), d.spec.key())
+            if key not in shards:
+                shards[key] = nn.Parameter(d.value, requires_grad=False)
+                after += d.value.numel() * d.value.element_size()
+            before += d.source.numel() * d.source.element_size()
+            owner, _, name = leaf.rpartition(".")
+            setattr(c.module.get_submodule(owner) if owner else c.module, name, shards[key])
+        fwd = _module_forward(c, groups[c.path])
+        c.module.forward = types.MethodType(lambda self, x, _f=fwd: _f(x), c.module)
+        entries.append(Entry(c.match.kind, c.path, True, "", c.match.k,
+                             {"weight_bytes_before": before, "weight_bytes_after": after}))
+    return entries
 
 
 def parallelize(
@@ -201,37 +273,75 @@ def parallelize(
     device_type: str = "cpu",
     recognize: Callable[[nn.Module], RowParallel | None] = as_row_parallel,
 ) -> list[dict]:
-    """Rewrite `model`'s row-parallel linears in place; return one report entry per match.
+    """Rewrite `model`'s modules in place; return one report entry per match.
 
-    Collective (FlashComm2 gathers weights): call on every rank with the same model and
-    config. `recognize` finds the row-parallel linears (vLLM passes its own).
+    Collective: call on every rank with the same model and config. Before any other
+    collective the ranks agree on the plan (config, matched modules, row-parallel layers):
+    a mismatch raises on every rank instead of hanging. `recognize` finds the row-parallel
+    linears (vLLM passes its own).
     """
-    entries, full_weights = _module_tp(model, config) if config.module_tp_sizes() else ([], [])
-    if config.release_weights:
-        weights.release(full_weights)
+    cands = _candidates(model, config) if config.module_tp_sizes() else []
+    rps = {name: rp for name, module in model.named_modules() if (rp := recognize(module)) is not None}
+    tp_groups = sorted({tuple(sorted(dist.get_process_group_ranks(rp.group))) for rp in rps.values()})
+    invariant = {"config": config.to_dict(), "modules": [c.invariant() for c in cands], "row_parallel": sorted(rps)}
+    local = ([c.match is not None and c.match.has_bias for c in cands], tp_groups)
+    everyone = agree_across_ranks(invariant, "the eager rewrite plan (config, matched modules or layers)", local)
+    layout, why = _layout(everyone)
+    _plan_module_tp(cands, everyone, layout, why)
+    entries = [Entry(c.match.kind if c.match else "module_tp", c.path, False,
+                     c.match.reason if c.match else "no module TP pattern in this module's forward", blocked=True)
+               for c in cands if c.match is None or c.match.reason]
+    if config.strict and entries:
+        raise RuntimeError("tp_passes (strict): " + "; ".join(f"{e.rewrite} at {e.module}: {e.reason}" for e in entries))
+    entries += _apply_module_tp(cands, layout) if any(c.match and not c.match.reason for c in cands) else []
+    rewritten = tuple(c.path for c in cands if c.match is not None and not c.match.reason)
+    entries += _row_parallel(model, config, rps, rewritten, layout, why, device_type)
+    return [asdict(e) for e in entries]
+
+
+def _layout(everyone: list) -> tuple[RankLayout | None, str]:
+    """The layout the row-parallel layers' TP groups imply (as the graph path infers it)."""
+    per_rank = [groups if groups else [(r,)] for r, (_, groups) in enumerate(everyone)]
+    if any(len(g) > 1 for g in per_rank):
+        return None, "the model's row-parallel layers use more than one group per rank"
+    try:
+        return RankLayout.from_tp_groups(len(everyone), [g[0] for g in per_rank]), ""
+    except ValueError as e:
+        return None, str(e)
+
+
+def _row_parallel(model, config: TPConfig, rps: dict, rewritten: tuple, layout, why: str,
+                  device_type: str) -> list[Entry]:
+    """FlashComm2 or reduce_scatter + all_gather on the layers that own their all-reduce."""
+    entries = []
     sp = config.sequence_parallel in (True, "auto")
     fuse = config.fuse_mm_reduce_scatter in (True, "auto")
-    rewritten = {e.module for e in entries}
-    for name, module in model.named_modules():
-        rp = recognize(module) if name not in rewritten else None
-        if rp is None:
+    m = config.flashcomm2
+    for name, rp in rps.items():
+        if any(name == p or name.startswith(p + ".") for p in rewritten):
             continue
+        module = model.get_submodule(name)
         n = dist.get_world_size(rp.group)
-        m = config.flashcomm2
         if m and selects(config, "oproj_tp", name):
-            why = flashcomm2_size_error(m, n) or rp.why_opaque
-            if why:
-                entry = Entry("flashcomm2", name, False, why, n, blocked=True)
+            blocker = flashcomm2_size_error(m, n) or rp.why_opaque or (why if layout is None else "")
+            if blocker:
+                entry = Entry("flashcomm2", name, False, blocker, n, blocked=True)
                 if config.strict:
                     raise RuntimeError(f"tp_passes (strict): {entry.rewrite} at {name}: {entry.reason}")
                 entries.append(entry)
             else:
-                fwd, w_block = _flashcomm2_forward(rp, m, config.release_weights)
-                module.forward = types.MethodType(fwd, module)
-                entries.append(Entry("flashcomm2", name, True, "", n, {"weight_bytes_after": w_block.numel() * w_block.element_size()}))
+                groups = flashcomm2_groups(layout, m)
+                d = weights.Derived(f"{name}.weight", weights.WeightSpec("gather", 1, groups[1].pg),
+                                    rp.weight, rp.weight)
+                weights.materialize([d])
+                before = rp.weight.numel() * rp.weight.element_size()
+                module.weight = nn.Parameter(d.value, requires_grad=False)  # the module holds the block
+                module.forward = types.MethodType(_flashcomm2_forward(rp, module, groups, m), module)
+                entries.append(Entry("flashcomm2", name, True, "", n, {
+                    "weight_bytes_before": before, "weight_bytes_after": d.value.numel() * d.value.element_size()}))
                 continue
         if sp or (config.fuse_mm_reduce_scatter is True):
             module.forward = types.MethodType(_sp_forward(rp, device_type), module)
             entries.append(Entry("mm_reduce_scatter" if fuse and rp.weight is not None else "sequence_parallel", name, True,
                                  "eager: reduce_scatter + all_gather inside the layer (same bytes as the all-reduce)", n))
-    return [asdict(e) for e in entries]
+    return entries

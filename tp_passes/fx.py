@@ -108,9 +108,15 @@ def as_all_reduce(node: fx.Node) -> AllReduce | None:
     if node.target is c10d.all_reduce.default:
         partial, op, group = node.args[:3]
         waits = [u for u in node.users if is_call(u, c10d.wait_tensor.default)]
-        if op == "sum" and len(waits) == 1 and len(node.users) == 1:
-            return AllReduce(waits[0], partial, str(group))
-        return None
+        if op != "sum" or len(waits) != 1 or len(node.users) != 1:
+            return None
+        result = waits[0]
+        # in-place dist.all_reduce(y): AOT writes the result back, copy(y, wait(all_reduce(y))),
+        # and y's later readers read the copy: it is the reduced value
+        copies = [u for u in result.users if is_call(u, aten.copy.default) and u.args[0] is partial]
+        if len(copies) == 1 and len(result.users) == 1:
+            result = copies[0]
+        return AllReduce(result, partial, str(group))
     vllm_all_reduce = custom_op("vllm", "all_reduce")
     if vllm_all_reduce is not None and node.target is vllm_all_reduce:
         from tp_passes.vllm.dialect import torch_group_name
@@ -127,6 +133,15 @@ def as_all_reduce(node: fx.Node) -> AllReduce | None:
 
 def find_all_reduces(graph: fx.Graph) -> list[AllReduce]:
     return [ar for node in graph.nodes if (ar := as_all_reduce(node)) is not None]
+
+
+def reduced_matmuls(graph: fx.Graph) -> set[fx.Node]:
+    """Matmuls whose product is all-reduced: any dialect, and the in-place
+    ``c10d.allreduce_`` that a module traced with make_fx (no functionalization) shows."""
+    partials = [ar.partial for ar in find_all_reduces(graph)]
+    inplace = torch.ops.c10d.allreduce_.default
+    partials += [t for n in graph.nodes if is_call(n, inplace) for t in n.args[0]]
+    return {m.mm for p in partials if (m := match_matmul(p)) is not None}
 
 
 @dataclass
@@ -247,25 +262,3 @@ def splice(
     assert isinstance(out, fx.Node)
     out.meta["tp_passes_inserted"] = list(env.values())  # for per-rewrite byte counts
     return out
-
-
-def sym_or_int(graph: fx.Graph, node: fx.Node, dim: int) -> Any:
-    """Size `dim` of `node` as an int, or a `sym_size` node when it is symbolic."""
-    size = val(node).shape[dim]
-    if isinstance(size, int):
-        return size
-    return graph.call_function(aten.sym_size.int, (node, dim))
-
-
-def count_ops(gm: fx.GraphModule) -> dict[str, int]:
-    """Op name -> count, for structure assertions and reports."""
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            name = getattr(node.target, "__name__", str(node.target))
-            if hasattr(node.target, "_schema"):
-                name = str(node.target).replace(".default", "")
-            if node.target is operator.getitem:
-                continue
-            counts[name] = counts.get(name, 0) + 1
-    return counts

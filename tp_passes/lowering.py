@@ -11,6 +11,7 @@ decomposed on every rank: the choice must be the same on all ranks of the group.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,3 +49,23 @@ def mm_reduce_scatter_impl(device_type: str, n: int, group: str) -> tuple[Callab
     if device_type == "npu" and n <= NPU_MAX_GROUP:
         return _npu_fused, "npu: torch_npu.npu_mm_reduce_scatter_base"
     return _decomposed, f"{device_type}: decomposed mm + reduce_scatter (no fused kernel)"
+
+
+# Ops the rewrites match by name (the gated MLP's activation). The ATen graph is traced
+# without their decompositions; `decompose_kept` applies them once the rewrites are done,
+# so Inductor sees the graph it expects.
+KEEP_UNDECOMPOSED = (torch.ops.aten.silu.default, torch.ops.aten.gelu.default)
+
+
+def decompose_kept(gm: torch.fx.GraphModule, table: dict, fake_mode: Any) -> None:
+    """Replace every remaining KEEP_UNDECOMPOSED node by its decomposition from `table`."""
+    from tp_passes.fx import splice
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in KEEP_UNDECOMPOSED or node.target not in table:
+            continue
+        decomp, rest, kwargs = table[node.target], node.args[1:], dict(node.kwargs)
+        new = splice(gm.graph, lambda t: decomp(t, *rest, **kwargs), [node.args[0]], node, fake_mode, table)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()

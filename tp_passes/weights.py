@@ -1,14 +1,35 @@
-"""Weight plan: derived weights (gathered, reduced, sharded) made once per parameter.
+"""Weight plan: derived weights (gathered, summed, sharded), keyed by what they depend on.
 
-A rewrite that needs a weight in another layout declares a `WeightSpec`; the backend
-materializes it from the real parameter at compile time (a collective, issued on every
-rank in plan order), caches it per parameter so recompiles share it, and binds it as an
-extra graph input.
+A rewrite that needs a weight in another layout asks for a `Derived` weight: a
+`WeightSpec` applied to a source parameter. `materialize` makes every derived weight of
+one compile, reusing a cached one only when it is still valid:
+
+- the cache key is the spec plus the source's dtype, device, shape and data version
+  (`Tensor._version`), so a cast, a `load_state_dict` or an in-place update is never
+  served stale;
+- whether a derived weight is rebuilt (which issues a collective for "gather" and "sum")
+  is decided from every rank's cache state at once (one `all_gather_object`), never from
+  what one rank happens to have cached: a hit on one rank and a miss on another would
+  leave the miss waiting in a collective forever;
+- the cache lives on an *anchor* tensor every rank has (the source, or the o_proj weight
+  for a bias that exists on TP rank 0 only).
+
+`release` frees a source's storage after its derived weights exist (as FSDP does). A
+released tensor keeps its metadata and is marked; it is never read again: a rebuild from
+it is refused on every rank with the weight's name, and the backend refuses a graph that
+would still read it.
+
+After compiling, `BoundWeights.check` runs on every call: a source updated in place is
+re-sharded locally (no collective); a source of a gathered or summed weight cannot be
+refreshed without one, so it raises, and `refresh_weights()` (called on every rank) rebuilds
+every derived weight of every live compiled graph. Writes through `param.data` bypass
+torch's version counter: call `refresh_weights()` after them too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -17,10 +38,8 @@ import torch.distributed._functional_collectives as funcol
 
 from tp_passes import comm
 
-# Derived tensors live on the parameter object itself, so their lifetime is the
-# parameter's and a hit or miss never depends on object ids (a rank that missed would
-# issue a collective the others skip).
-ATTR = "_tp_passes_derived"
+ATTR = "_tp_passes_derived"  # anchor attribute: {(spec key, name): (state, derived tensor)}
+RELEASED = "_tp_passes_released"  # set on a released source: why it was released
 
 
 @dataclass(frozen=True)
@@ -34,40 +53,176 @@ class WeightSpec:
     def key(self) -> tuple:
         return (self.kind, self.dim, self.group.group_name)
 
-
-def _gather(t: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    k = dist.get_world_size(group)
-    out = funcol.wait_tensor(funcol.all_gather_single(t.detach().contiguous(), 0, group))
-    return torch.cat(out.chunk(k), dim=dim)
+    @property
+    def collective(self) -> bool:
+        return self.kind in ("gather", "sum")
 
 
-def materialize(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | None = None) -> torch.Tensor:
-    """The derived tensor; `source` None means "this rank contributes zeros like `like`"."""
-    cached = getattr(source, ATTR, {}) if source is not None else {}
-    if spec.key() in cached:
-        return cached[spec.key()]
+def state(t: torch.Tensor | None) -> tuple | None:
+    """What a derived tensor depends on: dtype, device, shape, data version."""
+    if t is None:
+        return None
+    return (str(t.dtype), str(t.device), tuple(t.shape), t._version)
+
+
+def is_released(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and bool(getattr(t, RELEASED, ""))
+
+
+def derive(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Build the derived tensor (no cache). `source` None: this rank contributes zeros like
+    `like` (a bias held by one rank only). "gather" and "sum" are collectives."""
     with torch.no_grad():
-        if spec.kind in ("shard", "shard_halves"):  # local: no collective
+        if spec.kind in ("shard", "shard_halves"):
             k, j = dist.get_world_size(spec.group), dist.get_rank(spec.group)
             src = source.detach()
-            out = comm.shard_padded(src, spec.dim, k, j) if spec.kind == "shard" else comm.shard_halves(src, k, j)
-        elif spec.kind == "gather":
-            assert source is not None
-            out = _gather(source, spec.dim, spec.group)
-        else:
-            src = source if source is not None else torch.zeros_like(like)
-            out = src.detach().float()  # exactly one rank contributes: the sum is exact
-            dist.all_reduce(out, group=spec.group)
-            out = out.to(src.dtype)
-    if source is not None:
-        setattr(source, ATTR, {**cached, spec.key(): out})
-    return out
+            return comm.shard_padded(src, spec.dim, k, j) if spec.kind == "shard" else comm.shard_halves(src, k, j)
+        if spec.kind == "gather":
+            k = dist.get_world_size(spec.group)
+            out = funcol.wait_tensor(funcol.all_gather_single(source.detach().contiguous(), 0, spec.group))
+            return torch.cat(out.chunk(k), dim=spec.dim)
+        src = source if source is not None else torch.zeros_like(like)
+        out = src.detach().float()  # exactly one rank contributes: the sum is exact
+        dist.all_reduce(out, group=spec.group)
+        return out.to(src.dtype)
 
 
-def release(params: list[torch.Tensor]) -> None:
-    """Free the parameters' storage (as FSDP does), each once; their metadata stays valid.
+@dataclass
+class Derived:
+    """One derived weight: `spec` applied to `source`, cached on `anchor`."""
 
-    Call only after every derived tensor exists: tied weights feed two rewrites.
+    name: str  # the source's module path, for messages
+    spec: WeightSpec
+    source: torch.Tensor | None
+    anchor: torch.Tensor
+    like: torch.Tensor | None = None  # shape/dtype of the zeros a rank without source adds
+    value: torch.Tensor | None = None
+    made_from: tuple | None = None  # state(source) when `value` was made
+
+    def _cache_key(self) -> tuple:
+        return (self.spec.key(), self.name)
+
+    def cached(self) -> torch.Tensor | None:
+        hit = getattr(self.anchor, ATTR, {}).get(self._cache_key())
+        return hit[1] if hit is not None and hit[0] == (state(self.source), state(self.anchor)) else None
+
+    def build(self) -> None:
+        self.value = derive(self.source, self.spec, self.like)
+        self.made_from = state(self.source)
+        store = dict(getattr(self.anchor, ATTR, {}))
+        store[self._cache_key()] = ((self.made_from, state(self.anchor)), self.value)
+        setattr(self.anchor, ATTR, store)
+
+
+def materialize(requests: list[Derived]) -> None:
+    """Fill every request's `value`, rebuilding exactly where some rank's cache misses.
+
+    Collective over the world group: every rank calls it with the same requests (names and
+    specs are checked in the same all_gather_object that exchanges the cache hits).
     """
-    for p in {id(p): p for p in params}.values():
-        p.untyped_storage().resize_(0)
+    from tp_passes.groups.registry import agree_across_ranks
+
+    hits = [d.cached() for d in requests]
+    unbuildable = [d.name for d, h in zip(requests, hits) if h is None and is_released(d.source)]
+    same = [(d.name, d.spec.kind, d.spec.dim) for d in requests]
+    everyone = agree_across_ranks(same, "derived weights", ([h is not None for h in hits], unbuildable))
+    lost = sorted({name for _, names in everyone for name in names})
+    if lost:
+        raise RuntimeError(
+            "tp_passes: cannot derive weights from "
+            + ", ".join(lost)
+            + ": their storage was freed by release_weights=True and they changed (dtype, "
+            "device, shape or an in-place update) or were never derived for this plan; "
+            "reload the model, or compile without release_weights"
+        )
+    for i, d in enumerate(requests):
+        if all(hit_bits[i] for hit_bits, _ in everyone):
+            d.value, d.made_from = hits[i], state(d.source)
+        else:
+            d.build()
+
+
+def release(tensors: list[torch.Tensor], why: str) -> None:
+    """Free the tensors' storage (as FSDP does), each once, and mark them released.
+
+    Call only with tensors nothing reads any more, after every derived tensor exists.
+    """
+    for t in {id(t): t for t in tensors}.values():
+        if not is_released(t):
+            setattr(t, RELEASED, why)
+            t.untyped_storage().resize_(0)
+
+
+_READ: weakref.WeakSet = weakref.WeakSet()  # tensors some compiled graph reads
+
+
+def note_read(tensors: list[torch.Tensor]) -> None:
+    """Record tensors a compiled graph reads at run time: `release` must never free them."""
+    _READ.update(t for t in tensors if isinstance(t, torch.Tensor))
+
+
+def read_by_compiled_graphs() -> set[int]:
+    return {id(t) for t in _READ}
+
+
+# -- after compile: detect updates, refresh -----------------------------------------------
+
+_LIVE: list[weakref.ref] = []  # BoundWeights of live compiled graphs, in creation order
+
+
+@dataclass
+class BoundWeights:
+    """The derived weights one compiled graph takes as extra inputs."""
+
+    derived: list[Derived]
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.values = [d.value for d in self.derived]
+        _LIVE.append(weakref.ref(self))
+
+    def stale(self) -> list[Derived]:
+        return [d for d in self.derived if d.source is not None and state(d.source) != d.made_from]
+
+    def check(self) -> list[torch.Tensor]:
+        """The values to pass; re-shard sources updated in place (local, no collective)."""
+        for d in self.stale():
+            if d.spec.collective or is_released(d.source):
+                raise RuntimeError(
+                    f"tp_passes: {d.name} changed after compile (dtype, shape or an in-place "
+                    f"update) and its {d.spec.kind} over a group is baked into the compiled "
+                    "graph; call tp_passes.refresh_weights() on every rank after updating weights"
+                )
+            d.build()
+            self.values[self.derived.index(d)] = d.value
+        return self.values
+
+    def refresh(self) -> None:
+        for i, d in enumerate(self.derived):
+            d.build()
+            self.values[i] = d.value
+
+
+def refresh_weights() -> int:
+    """Rebuild every derived weight of every live compiled graph from its source.
+
+    Collective: call on every rank, after updating weights (RL weight sync, a reload, a
+    write through `param.data`). Returns the number of derived weights rebuilt.
+    """
+    live = [b for b in (ref() for ref in _LIVE) if b is not None]
+    _LIVE[:] = [weakref.ref(b) for b in live]
+    lost = [d.name for b in live for d in b.derived if is_released(d.source)]
+    if dist.is_initialized():
+        from tp_passes.groups.registry import agree_across_ranks
+
+        kinds = [[d.spec.kind for d in b.derived] for b in live]
+        everyone = agree_across_ranks(kinds, "refresh_weights() (compiled graphs)", lost)
+        lost = sorted({n for names in everyone for n in names})
+    if lost:
+        raise RuntimeError(
+            f"tp_passes.refresh_weights: {', '.join(lost)} were freed by release_weights=True; "
+            "their derived weights cannot be rebuilt (reload the model and compile again)"
+        )
+    for b in live:
+        b.refresh()
+    return sum(len(b.derived) for b in live)

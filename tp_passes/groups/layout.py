@@ -90,6 +90,28 @@ class RankLayout:
                     f"whole TP groups of tp={self.tp}"
                 )
 
+    @classmethod
+    def from_tp_groups(cls, world_size: int, tp_groups: Sequence[Sequence[int]]) -> RankLayout:
+        """The layout implied by a model's TP process groups: DP = world / TP.
+
+        `tp_groups` lists every rank's TP group (repeats allowed). Contiguous groups give
+        the plain grid; any other partition (e.g. strided ``[0, 2], [1, 3]``) becomes the
+        islands, so every TP group is one of the layout's and module TP groups pair ranks
+        at the same TP index. Raises ValueError when the groups do not partition the world
+        into equal sizes.
+        """
+        groups = sorted({tuple(sorted(g)) for g in tp_groups})
+        sizes = sorted({len(g) for g in groups})
+        flat = sorted(r for g in groups for r in g)
+        if len(sizes) != 1 or flat != list(range(world_size)):
+            raise ValueError(
+                f"RankLayout.from_tp_groups: the TP groups {[list(g) for g in groups]} do not "
+                f"partition world_size={world_size} into groups of one size"
+            )
+        tp = sizes[0]
+        contiguous = all(list(g) == list(range(g[0], g[0] + tp)) for g in groups)
+        return cls(world_size, tp=tp, dp=world_size // tp, islands=None if contiguous else groups)
+
     # -- coordinates ----------------------------------------------------------------
     @property
     def external_dp(self) -> int:

@@ -93,7 +93,6 @@ class GroupRegistry:
     backend: str
     groups: dict[str, NamedGroup] = field(default_factory=dict)
     partitions: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
-    _created: dict[tuple[int, ...], Any] = field(default_factory=dict)
 
     def get(self, name: str) -> NamedGroup:
         try:
@@ -104,7 +103,9 @@ class GroupRegistry:
             ) from None
 
 
-_REGISTRY: GroupRegistry | None = None
+_REGISTRY: GroupRegistry | None = None  # from init_groups (explicit layout)
+_INFERRED: dict[RankLayout, GroupRegistry] = {}  # layouts inferred from compiled models
+_CREATED: dict[tuple[int, ...], Any] = {}  # rank list -> ProcessGroup, shared by all registries
 
 
 def _vllm_parallel_state() -> Any:
@@ -173,39 +174,47 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
         return reg.groups[name]
     for ranks in rank_lists:  # same order on every rank
         key = tuple(sorted(ranks))
-        if key in reg._created:
+        if key in _CREATED:
             continue
         if len(key) == world:
-            reg._created[key] = dist.group.WORLD
+            _CREATED[key] = dist.group.WORLD
         else:
             pg = dist.new_group(list(key), backend=reg.backend)
-            reg._created[key] = pg if rank in key else None
-    return NamedGroup(name, mine, reg._created[mine])
+            _CREATED[key] = pg if rank in key else None
+    return NamedGroup(name, mine, _CREATED[mine])
 
 
-def _registry_for(tp_group: Any | None, tp: int) -> GroupRegistry:
-    """The registry, or one on the layout inferred from the model (TP = the size of the
-    group its all-reduces use, DP = world / TP); `tp_group` must be a TP group of it."""
+def registry_for(inferred: RankLayout) -> GroupRegistry:
+    """The groups a compiled model runs on.
+
+    The layout given to `init_groups` when there is one (the model's TP groups must be
+    its TP groups); otherwise the layout inferred from the model (`RankLayout.from_tp_groups`),
+    whose groups are created on first use. Every rank calls this with the same layout
+    (inferred from data agreed across ranks).
+    """
     reg = _REGISTRY
-    if reg is None:
-        world = dist.get_world_size()
-        reg = init_groups(TPConfig(), RankLayout(world, tp=tp, dp=world // tp))
-    if tp_group is not None:
-        ranks = sorted(dist.get_process_group_ranks(tp_group))
-        if ranks not in [sorted(g) for g in reg.layout.tp_groups()]:
-            raise RuntimeError(f"tp_passes: the model's TP group {ranks} is not a TP group of {reg.layout}")
-    return reg
+    if reg is not None:
+        if sorted(map(sorted, inferred.tp_groups())) != sorted(map(sorted, reg.layout.tp_groups())):
+            raise ValueError(
+                f"tp_passes: the model's TP groups {inferred.tp_groups()} are not the TP groups "
+                f"{reg.layout.tp_groups()} of the layout given to init_groups ({reg.layout}); "
+                "pass a RankLayout whose tp (and islands) match the model's TP process groups"
+            )
+        return reg
+    if inferred not in _INFERRED:
+        _INFERRED[inferred] = GroupRegistry(TPConfig(), inferred, _world_backend())
+    return _INFERRED[inferred]
 
 
-def module_tp_group(k: int, tp: int) -> NamedGroup:
+def module_tp_group(k: int, layout: RankLayout) -> NamedGroup:
     """My module TP group of size k (chunks of k consecutive DP ranks)."""
-    reg = _registry_for(None, tp)
+    reg = registry_for(layout)
     return ensure_partition(reg, f"module_tp_{k}", reg.layout.module_tp_groups(k))
 
 
-def flashcomm2_groups(tp_group: Any, m: int) -> tuple[NamedGroup, NamedGroup]:
-    """My (OTP, ODP) groups for flashcomm2=m inside the TP group `tp_group`."""
-    reg = _registry_for(tp_group, dist.get_world_size(tp_group))
+def flashcomm2_groups(layout: RankLayout, m: int) -> tuple[NamedGroup, NamedGroup]:
+    """My (OTP, ODP) groups for flashcomm2=m inside my TP group of `layout`."""
+    reg = registry_for(layout)
     otp_lists, odp_lists = reg.layout.flashcomm2_groups(m)
     return ensure_partition(reg, f"fc2_otp_{m}", otp_lists), ensure_partition(reg, f"fc2_odp_{m}", odp_lists)
 
@@ -240,10 +249,6 @@ def get_registry() -> GroupRegistry:
     return _REGISTRY
 
 
-def registry_or_none() -> GroupRegistry | None:
-    return _REGISTRY
-
-
 def get_group(name: str) -> Any:
     """The torch ProcessGroup registered as `name` ('tp', 'otp', 'fc2_odp', ...)."""
     return get_registry().get(name).pg
@@ -256,16 +261,19 @@ def get_group_info(name: str) -> NamedGroup:
 def destroy_groups() -> None:
     """Destroy every group `init_groups` created (not vLLM's own TP/DP/PP groups)."""
     global _REGISTRY
-    reg, _REGISTRY = _REGISTRY, None
-    if reg is None:
-        return
-    coordinators = {id(g.coordinator): g for g in reg.groups.values() if g.coordinator}
-    for name, g in reg.groups.items():
-        if g.coordinator is not None and name not in ("world", "tp", "dp", "pp"):
-            if id(g.coordinator) in coordinators:
-                coordinators.pop(id(g.coordinator))
-                g.coordinator.destroy()
+    registries = ([_REGISTRY] if _REGISTRY is not None else []) + list(_INFERRED.values())
+    _REGISTRY = None
+    _INFERRED.clear()
+    destroyed: set[int] = set()
+    for reg in registries:
+        for name, g in reg.groups.items():
+            if g.coordinator is not None and name not in ("world", "tp", "dp", "pp"):
+                if id(g.coordinator) not in destroyed:
+                    destroyed.add(id(g.coordinator))
+                    g.coordinator.destroy()
+    created = list(_CREATED.values())
+    _CREATED.clear()
     if dist.is_initialized():
-        for pg in reg._created.values():
+        for pg in created:
             if pg is not None and pg is not dist.group.WORLD:
                 dist.destroy_process_group(pg)

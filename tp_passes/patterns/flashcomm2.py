@@ -34,4 +34,3 @@ class FlashComm2Groups:
     odp: str
     m: int
     G: int
-    odp_block: int  # b: which A/m column block this rank computes

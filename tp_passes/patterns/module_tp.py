@@ -8,7 +8,7 @@ functions to modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
@@ -66,12 +66,22 @@ def mlp_names(module: Any) -> tuple[str, ...] | None:
 
 MLP_REGION_OPS = {
     aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.silu.default,
-    aten.mul.Tensor, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.gelu.default, aten.mul.Tensor, aten.view.default, aten._unsafe_view.default,
+    aten.reshape.default,
 }
+# activations the MLP rewrite re-applies by name (kept undecomposed until after the rewrites)
+ACTIVATIONS = {aten.silu.default: "silu", aten.gelu.default: "gelu"}
 
 
 @dataclass
 class ModuleMatch:
+    """One module the configured module TP rewrite found, as every rank must agree on it.
+
+    `has_bias` is this rank's own fact: vLLM adds a row-parallel bias on TP rank 0 only,
+    so it is exchanged across ranks and `decide` turns "any rank has one" into the same
+    skip reason everywhere.
+    """
+
     kind: str  # "oproj_tp" | "embedding_tp" | "lmhead_tp" | "mlp_tp"
     module: str
     k: int
@@ -80,10 +90,20 @@ class ModuleMatch:
     weights: list[fx.Node]  # placeholders, in the order the replacement takes them
     bias: fx.Node | None = None
     reason: str = ""  # non-empty: matched but skipped
-    extra: dict[str, Any] = field(default_factory=dict)
+    has_bias: bool = False
+    act: str = "silu"  # mlp_tp: the activation between the projections
 
     def invariant(self) -> tuple:
-        return (self.kind, self.module, self.k, [str(val(w).shape) for w in self.weights], self.reason)
+        return (self.kind, self.module, self.k, [str(val(w).shape) for w in self.weights], self.reason, self.act)
+
+    def decide(self, any_rank_has_bias: bool) -> None:
+        """The skip reason that depends on other ranks' facts (same result on every rank)."""
+        if self.reason or not any_rank_has_bias:
+            return
+        if self.kind == "lmhead_tp":
+            self.reason = "lm_head with bias is not supported"
+        elif self.kind == "mlp_tp":
+            self.reason = "MLP with biases is not supported"
 
 
 def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
@@ -101,8 +121,12 @@ def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
 
 
 def find_module_matches(gm: fx.GraphModule, input_names: list[str], config: Any,
-                        reduced: set[str]) -> list[ModuleMatch]:
-    """Module TP matches; `reduced` holds mm nodes that feed an all-reduce (already TP)."""
+                        reduced: set[fx.Node]) -> list[ModuleMatch]:
+    """Module TP matches; `reduced` holds the matmul nodes that feed a TP all-reduce.
+
+    The one decision function for both paths: the eager path runs it on a module traced
+    with make_fx (`tp_passes.eager`).
+    """
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     by_path = {input_names[i]: p for i, p in enumerate(placeholders) if i < len(input_names)}
     sizes = {k: getattr(config, k) for k in ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp")}
@@ -113,7 +137,7 @@ def find_module_matches(gm: fx.GraphModule, input_names: list[str], config: Any,
             continue
         if sizes["oproj_tp"] and selects(config, "oproj_tp", module):
             for mm, x, b in _linear_users(w):
-                m = ModuleMatch("oproj_tp", module, sizes["oproj_tp"], mm, x, [w], b)
+                m = ModuleMatch("oproj_tp", module, sizes["oproj_tp"], mm, x, [w], b, has_bias=b is not None)
                 if mm in reduced:
                     m.reason = "o_proj is already tensor-parallel (an all-reduce follows it)"
                 matches_.append(m)
@@ -121,9 +145,9 @@ def find_module_matches(gm: fx.GraphModule, input_names: list[str], config: Any,
         if sizes["lmhead_tp"] and (selects(config, "lmhead_tp", module) or tied):
             for mm, x, b in _linear_users(w):
                 name = f"{module} (tied lm_head)" if tied else module
-                m = ModuleMatch("lmhead_tp", name, sizes["lmhead_tp"], mm, x, [w], b)
-                if b is not None:
-                    m.reason = "lm_head with bias is not supported"
+                m = ModuleMatch("lmhead_tp", name, sizes["lmhead_tp"], mm, x, [w], b, has_bias=b is not None)
+                if mm in reduced:
+                    m.reason = "lm_head is already tensor-parallel (an all-reduce follows it)"
                 matches_.append(m)
         if sizes["embedding_tp"] and selects(config, "embedding_tp", module):
             for e in w.users:
@@ -152,11 +176,11 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
     mm_ups = [u[0][0] for u in ups]
     x, b_up = ups[0][0][1], any(u[0][2] is not None for u in ups)
     (mm_down, h, b_down) = downs[0]
-    m = ModuleMatch("mlp_tp", parent, k, mm_down, x, [*up_ws, down])
+    m = ModuleMatch("mlp_tp", parent, k, mm_down, x, [*up_ws, down], has_bias=b_up or b_down is not None)
     if any(through_views(u[0][1]) is not through_views(x) for u in ups):
         m.reason = "gate and up projections read different inputs"
         return m
-    # every node between the matmuls must be a SiLU-gated split/mul, used only inside
+    # every node between the matmuls must be an activation-gated split/mul, used only inside
     region, frontier = set(), list(mm_ups)
     while frontier:
         n = frontier.pop()
@@ -164,13 +188,51 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
             if u is mm_down:
                 continue
             if u.op != "call_function" or (u.target not in MLP_REGION_OPS and u.target.__name__ != "getitem"):
-                m.reason = f"op {u.target} between gate_up_proj and down_proj is not a SiLU-gated MLP"
+                m.reason = f"op {u.target} between the up and down projections is not a gated MLP"
                 return m
             if u not in region:
                 region.add(u)
                 frontier.append(u)
-    if b_up or b_down is not None:
-        m.reason = "MLP with biases is not supported"
-    elif through_views(h) not in region or not any(is_call(n, aten.silu.default) for n in region):
-        m.reason = "gate_up_proj and down_proj are not one SiLU-gated MLP"
+    acts = {ACTIVATIONS[n.target] + _gelu_form(n) for n in region if n.target in ACTIVATIONS}
+    if through_views(h) not in region or len(acts) != 1:
+        m.reason = f"up and down projections are not one gated MLP (activations found: {sorted(acts)})"
+    else:
+        m.act = acts.pop()
     return m
+
+
+def _gelu_form(node: fx.Node) -> str:
+    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    return "_tanh" if node.target is aten.gelu.default and approximate == "tanh" else ""
+
+
+def shard_specs(kind: str, n_weights: int) -> list[tuple[str, int]]:
+    """(WeightSpec kind, dim) of each weight of a match, in replacement order."""
+    if kind == "oproj_tp":
+        return [("shard", 1)]  # input columns
+    if kind in ("embedding_tp", "lmhead_tp"):
+        return [("shard", 0)]  # vocab rows
+    if n_weights == 2:  # merged gate_up (each half sharded), down by columns
+        return [("shard_halves", 0), ("shard", 1)]
+    return [("shard", 0), ("shard", 0), ("shard", 1)]
+
+
+def module_tp_forward(m: ModuleMatch, g: str, k: int, j: int, rows: int) -> Any:
+    """The `comm` function that replaces match `m`: (x, *shards[, bias]) -> output.
+
+    `rows` is the first dim of the full first weight (the vocab, for lm_head).
+    """
+    from tp_passes import comm
+
+    if m.kind == "oproj_tp":
+        def oproj(x, w, b=None):
+            y = comm.oproj_dp(x, w, g, k)
+            return y if b is None else y + b
+        return oproj
+    if m.kind == "embedding_tp":
+        return lambda ids, w: comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)
+    if m.kind == "lmhead_tp":
+        return lambda h, w: comm.lmhead_dp(h, w, g, k, rows)
+    if len(m.weights) == 2:  # merged gate_up, sharded half by half
+        return lambda x, gu, d: comm.mlp_dp(x, *gu.chunk(2), d, g, k, m.act)
+    return lambda x, gate, up, d: comm.mlp_dp(x, gate, up, d, g, k, m.act)
