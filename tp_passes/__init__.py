@@ -22,6 +22,14 @@ def parallelize(model, config):  # noqa: ANN001 - thin lazy wrapper
     return _parallelize(model, config)
 
 
+def refresh_weights() -> int:
+    """Rebuild the derived weights of every compiled graph after a weight update (collective:
+    call on every rank); see tp_passes.weights."""
+    from tp_passes.weights import refresh_weights as _refresh
+
+    return _refresh()
+
+
 def last_report() -> list[dict]:
     """One entry per match of the most recently compiled graph."""
     from tp_passes.report import last_report as _last_report
@@ -32,6 +40,7 @@ def last_report() -> list[dict]:
 __all__ = [
     "last_report",
     "parallelize",
+    "refresh_weights",
     "RankLayout",
     "TPConfig",
     "destroy_groups",

@@ -34,7 +34,7 @@ from tp_passes.lowering import KEEP_UNDECOMPOSED, decompose_kept, mm_reduce_scat
 from tp_passes.patterns.module_tp import ModuleMatch, find_module_matches, module_tp_forward, selects, shard_specs
 from tp_passes.patterns.flashcomm2 import FlashComm2Groups, flashcomm2_size_error
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
-from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
+from tp_passes.report import Dumper, Entry, GraphReport, count_matmuls, next_graph_id, rank, record
 from tp_passes.vllm.config import VLLM_MODULE_TP, config_from_vllm, current_vllm_config
 
 
@@ -509,6 +509,7 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         dumper.graph("aten", aten_gm)
         report.wire_bytes_before = wire.total(wire.collective_bytes(aten_gm))
         report.nodes = len(aten_gm.graph.nodes)
+        report.matmuls_before = count_matmuls(aten_gm)
         fake_mode = detect_fake_mode(inputs)
         if dist.is_available() and dist.is_initialized():
             t0 = time.perf_counter()
@@ -521,6 +522,7 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         weights.note_read([t for i, t in enumerate(tp.real_inputs) if id(t) in tp._reads(aten_gm)])
         compile_inputs = list(inputs) + [fake_mode.from_tensor(t, static_shapes=True) for t in bound.values]
         report.collectives = _collective_counts(aten_gm)
+        report.matmuls_after = count_matmuls(aten_gm)
         report.wire_rows = wire.collective_bytes(aten_gm)
         report.wire_bytes_after = wire.total(report.wire_rows)
         compiled = _inner(config, aten_gm, compile_inputs)

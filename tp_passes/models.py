@@ -33,6 +33,10 @@ class ModelConfig:
     inplace_all_reduce: bool = False  # dist.all_reduce(x) instead of funcol.all_reduce
     tie_embeddings: bool = False  # lm_head.weight is embed_tokens.weight
     merged_gate_up: bool = True  # gate_up_proj, or separate gate_proj and up_proj
+    lm_head_bias: bool = False
+    mlp_bias: bool = False  # down_proj bias (TP rank 0 only, like o_proj's)
+    act: str = "silu"  # the gated MLP's activation: "silu" or "gelu"
+    scalar_all_reduce: bool = False  # also all-reduce a 0-dim statistic (a token count)
 
 
 def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
@@ -140,14 +144,16 @@ class MLP(nn.Module):
         else:
             self.gate_proj = ColumnParallelLinear(gate_up[: c.intermediate], tp)
             self.up_proj = ColumnParallelLinear(gate_up[c.intermediate :], tp)
-        self.down_proj = RowParallelLinear(c.intermediate**-0.5 * torch.randn(c.hidden, c.intermediate, generator=g), None, tp)
+        wd = c.intermediate**-0.5 * torch.randn(c.hidden, c.intermediate, generator=g)
+        self.down_proj = RowParallelLinear(wd, 0.1 * torch.randn(c.hidden, generator=g) if c.mlp_bias else None, tp)
+        self.act = F.silu if c.act == "silu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -173,10 +179,14 @@ class TPLlama(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(torch.randn(c.vocab, c.hidden, generator=g), tp)
         self.layers = nn.ModuleList(DecoderLayer(c, tp, g) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.eps, g)
-        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=c.lm_head_bias)
         with torch.no_grad():
             self.lm_head.weight.copy_(c.hidden**-0.5 * torch.randn(c.vocab, c.hidden, generator=g))
-        self.lm_head.weight.requires_grad_(False)
+            if c.lm_head_bias:
+                self.lm_head.bias.copy_(0.1 * torch.randn(c.vocab, generator=g))
+        self.lm_head.requires_grad_(False)
+        self.tp = tp
+        self.scalar_all_reduce = c.scalar_all_reduce
         if c.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -184,4 +194,7 @@ class TPLlama(nn.Module):
         h = self.embed_tokens(ids)
         for layer in self.layers:
             h = layer(h)
-        return self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h))
+        if self.scalar_all_reduce:  # a global statistic: every rank's mean logit, summed
+            logits = logits + self.tp.all_reduce(logits.mean()) * 0
+        return logits

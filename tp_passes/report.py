@@ -36,6 +36,8 @@ class GraphReport:
     nodes: int = 0  # ATen graph nodes seen by the rewrites
     rewrite_ms: float = 0.0  # time spent matching, planning and rewriting
     config: dict[str, Any] = field(default_factory=dict)  # the TPConfig this graph was rewritten with
+    matmuls_before: int = 0  # mm/addmm/bmm nodes before and after: a rewrite never computes twice
+    matmuls_after: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class GraphReport:
             "collectives": self.collectives,
             "wire_bytes_per_rank": {"before": self.wire_bytes_before, "after": self.wire_bytes_after},
             "nodes": self.nodes,
+            "matmuls": {"before": self.matmuls_before, "after": self.matmuls_after},
             "rewrite_ms": self.rewrite_ms,
             "config": self.config,
         }
@@ -113,3 +116,10 @@ class Dumper:
         (self.dir / "report.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
         if report.rank == 0:
             print(report.summary(), f"(dump: {os.path.abspath(self.dir)})", flush=True)
+
+
+MATMULS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")
+
+
+def count_matmuls(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in MATMULS)

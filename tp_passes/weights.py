@@ -87,7 +87,7 @@ def derive(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | N
         return out.to(src.dtype)
 
 
-@dataclass
+@dataclass(eq=False)
 class Derived:
     """One derived weight: `spec` applied to `source`, cached on `anchor`."""
 
@@ -153,16 +153,17 @@ def release(tensors: list[torch.Tensor], why: str) -> None:
             t.untyped_storage().resize_(0)
 
 
-_READ: weakref.WeakSet = weakref.WeakSet()  # tensors some compiled graph reads
+# tensors some compiled graph reads, by id (a WeakSet would compare tensors with ==)
+_READ: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def note_read(tensors: list[torch.Tensor]) -> None:
     """Record tensors a compiled graph reads at run time: `release` must never free them."""
-    _READ.update(t for t in tensors if isinstance(t, torch.Tensor))
+    _READ.update((id(t), t) for t in tensors if isinstance(t, torch.Tensor))
 
 
 def read_by_compiled_graphs() -> set[int]:
-    return {id(t) for t in _READ}
+    return set(_READ.keys())
 
 
 # -- after compile: detect updates, refresh -----------------------------------------------
@@ -170,7 +171,7 @@ def read_by_compiled_graphs() -> set[int]:
 _LIVE: list[weakref.ref] = []  # BoundWeights of live compiled graphs, in creation order
 
 
-@dataclass
+@dataclass(eq=False)
 class BoundWeights:
     """The derived weights one compiled graph takes as extra inputs."""
 
@@ -181,12 +182,11 @@ class BoundWeights:
         self.values = [d.value for d in self.derived]
         _LIVE.append(weakref.ref(self))
 
-    def stale(self) -> list[Derived]:
-        return [d for d in self.derived if d.source is not None and state(d.source) != d.made_from]
-
     def check(self) -> list[torch.Tensor]:
         """The values to pass; re-shard sources updated in place (local, no collective)."""
-        for d in self.stale():
+        for i, d in enumerate(self.derived):
+            if d.source is None or state(d.source) == d.made_from:
+                continue
             if d.spec.collective or is_released(d.source):
                 raise RuntimeError(
                     f"tp_passes: {d.name} changed after compile (dtype, shape or an in-place "
@@ -194,7 +194,7 @@ class BoundWeights:
                     "graph; call tp_passes.refresh_weights() on every rank after updating weights"
                 )
             d.build()
-            self.values[self.derived.index(d)] = d.value
+            self.values[i] = d.value
         return self.values
 
     def refresh(self) -> None:
