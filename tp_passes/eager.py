@@ -96,7 +96,7 @@ def _flashcomm2_forward(rp: RowParallel, module: nn.Module, groups: Any, m: int)
     """FlashComm2 on a row-parallel layer whose `weight` is now the gathered [H, A/m] block."""
     n = dist.get_world_size(rp.group)
     otp, odp, g = groups[0].group_name, groups[1].group_name, rp.group.group_name
-    bias = rp.bias.detach().clone() if rp.bias is not None else None
+    bias = rp.bias  # the module's own parameter: a cast or a reload reaches it
 
     def forward(self: nn.Module, x: torch.Tensor) -> Any:
         x2 = x.reshape(-1, x.shape[-1])
@@ -183,14 +183,32 @@ def _candidates(model: nn.Module, config: TPConfig) -> list[Candidate]:
             c.bias_leaf = leaf_of.get(match.bias)
             if match.bias is not None and c.bias_leaf is None:
                 match.reason = match.reason or "bias is not a parameter of the module"
-        if match is not None and kind == "mlp_tp":
-            for ar in find_all_reduces(gm.graph):
-                if through_views(ar.partial) is match.out:
-                    c.reduce_group = ar.group_name
-            if c.reduce_group is None and match.out in reduced_matmuls(gm.graph):
-                match.reason = match.reason or "eager: down_proj ends in an in-place all-reduce"
+        if match is not None and not match.reason:
+            match.reason = _covers_module(gm, match, c)
         out.append(c)
     return out
+
+
+def _covers_module(gm: fx.GraphModule, match: ModuleMatch, c: Candidate) -> str:
+    """Why the eager path cannot replace the whole module by the match ("" if it can).
+
+    The new forward replaces the module's forward, so the match must read the module's
+    input and produce its output: a vocab-parallel embedding (masking and a TP all-reduce
+    around the lookup) is rewritten by the graph path only. An MLP whose down_proj ends in
+    a TP all-reduce (TP x DP) keeps that all-reduce after the replacement.
+    """
+    x = gm.graph.find_nodes(op="placeholder")[-1]
+    (out,) = gm.graph.find_nodes(op="output")[0].args[0]
+    out = through_views(out)
+    if through_views(match.x) is not x:
+        return "eager: the module transforms its input before the matched op (graph path only)"
+    if out is match.out:
+        return ""
+    for ar in find_all_reduces(gm.graph):
+        if match.kind == "mlp_tp" and out is ar.result and through_views(ar.partial) is match.out:
+            c.reduce_group = ar.group_name
+            return ""
+    return "eager: the module does more after the matched op (graph path only)"
 
 
 def _module_forward(c: Candidate, group: Any):

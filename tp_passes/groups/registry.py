@@ -48,10 +48,16 @@ def required_groups(config: TPConfig, layout: RankLayout) -> dict[str, Groups]:
         "dp": layout.dp_groups(),
         "pp": layout.pp_groups(),
     }
-    for name, k in config.module_tp_sizes().items():
-        plan[name] = layout.module_tp_groups(k)
-    if config.flashcomm2:
-        plan["fc2_otp"], plan["fc2_odp"] = layout.flashcomm2_groups(config.flashcomm2)
+    fields = {"otp": "oproj_tp", "lmheadtp": "lmhead_tp", "embedtp": "embedding_tp", "mlptp": "mlp_tp"}
+    try:
+        for name, k in config.module_tp_sizes().items():
+            field_name = f"TPConfig.{fields[name]}={k}"
+            plan[name] = layout.module_tp_groups(k)
+        if config.flashcomm2:
+            field_name = f"TPConfig.flashcomm2={config.flashcomm2}"
+            plan["fc2_otp"], plan["fc2_odp"] = layout.flashcomm2_groups(config.flashcomm2)
+    except ValueError as e:
+        raise ValueError(f"tp_passes: {field_name} does not fit the layout: {e}") from None
     return plan
 
 
