@@ -36,8 +36,8 @@ def make_config(seed: int, i: int) -> dict:
     layout = r.choice(["tp", "dp"] + (["tpdp", "strided"] if world == 4 else []))
     tp = {"tp": world, "dp": 1}.get(layout, 2)
     heads = r.choice([4, 8])
-    model = dict(
-        hidden=r.choice([36, 50, 64]), heads=heads, kv_heads=r.choice([heads, heads // 2]),
+    model = dict(  # heads and KV heads divide the TP size (TPLlama shards them evenly)
+        hidden=r.choice([36, 50, 64]), heads=heads, kv_heads=r.choice([h for h in (heads, heads // 2) if h % tp == 0]),
         head_dim=r.choice([4, 6, 8]), intermediate=r.choice([24, 36] if tp > 1 else [24, 26, 36]),
         vocab=r.choice([48, 96] if tp > 1 else [37, 48, 50]), layers=r.choice([1, 2]),
         o_proj_bias=r.random() < 0.4, mlp_bias=r.random() < 0.2, lm_head_bias=r.random() < 0.15,

@@ -197,32 +197,35 @@ class BoundWeights:
             self.values[i] = d.value
         return self.values
 
-    def refresh(self) -> None:
-        for i, d in enumerate(self.derived):
-            d.build()
-            self.values[i] = d.value
-
 
 def refresh_weights() -> int:
-    """Rebuild every derived weight of every live compiled graph from its source.
+    """Rebuild the derived weights of every live compiled graph from their sources.
 
     Collective: call on every rank, after updating weights (RL weight sync, a reload, a
-    write through `param.data`). Returns the number of derived weights rebuilt.
+    write through `param.data`). Sources freed by release_weights cannot be rebuilt: they
+    are skipped while unchanged, and raise (on every rank) if they changed. Returns the
+    number of derived weights rebuilt.
     """
+    import gc
+
+    gc.collect()  # graphs dropped by torch._dynamo.reset() must not count on one rank only
     live = [b for b in (ref() for ref in _LIVE) if b is not None]
     _LIVE[:] = [weakref.ref(b) for b in live]
-    lost = [d.name for b in live for d in b.derived if is_released(d.source)]
+    todo = [(b, i) for b in live for i, d in enumerate(b.derived) if not is_released(d.source)]
+    lost = [d.name for b in live for d in b.derived if is_released(d.source) and state(d.source) != d.made_from]
     if dist.is_initialized():
         from tp_passes.groups.registry import agree_across_ranks
 
-        kinds = [[d.spec.kind for d in b.derived] for b in live]
-        everyone = agree_across_ranks(kinds, "refresh_weights() (compiled graphs)", lost)
+        plan = [(b.derived[i].name, b.derived[i].spec.kind) for b, i in todo]
+        everyone = agree_across_ranks(plan, "refresh_weights() (derived weights of compiled graphs)", lost)
         lost = sorted({n for names in everyone for n in names})
     if lost:
         raise RuntimeError(
-            f"tp_passes.refresh_weights: {', '.join(lost)} were freed by release_weights=True; "
-            "their derived weights cannot be rebuilt (reload the model and compile again)"
+            f"tp_passes.refresh_weights: {', '.join(lost)} changed after release_weights=True "
+            "freed them; their derived weights cannot be rebuilt (reload the model and compile again)"
         )
-    for b in live:
-        b.refresh()
-    return sum(len(b.derived) for b in live)
+    for b, i in todo:
+        d = b.derived[i]
+        d.build()
+        b.values[i] = d.value
+    return len(todo)
