@@ -28,6 +28,7 @@ from tp_passes.testing import run_ranks
 SEED = int(os.environ.get("TPP_FUZZ_SEED", "20261123"))
 COUNT = int(os.environ.get("TPP_FUZZ_COUNT", "160"))
 ONLY = os.environ.get("TPP_FUZZ_ONLY")
+BATCH = 27  # configs per spawn of ranks
 
 
 def make_config(seed: int, i: int) -> dict:
@@ -156,7 +157,10 @@ def test_randomized_differential(world, capsys):
         print(f"\n[tp_passes fuzz] seed={SEED} world={world}: {len(configs)} of {len(indices)} configs")
     if not configs:
         pytest.skip(f"no config with world={world}")
-    results = run_ranks(_run_batch, world, configs, timeout=60 + 20 * len(configs))
+    results = []
+    for start in range(0, len(configs), BATCH):  # a stuck batch costs its own deadline only
+        batch = configs[start:start + BATCH]
+        results += run_ranks(_run_batch, world, batch, timeout=60 + 20 * len(batch), pg_timeout=60)
     by_index = {c["index"]: c for c in configs}
     bad = []
     for per_rank in results:

@@ -352,3 +352,34 @@ def test_14_scalar_all_reduce_is_skipped():
     for rel, reasons in run_ranks(_scalar, 2):
         assert rel < 1e-5
         assert any("0-dim all-reduce has no token dimension" in r for r in reasons)
+
+
+# -- 4 (graph path): what the model holds after release_weights
+
+
+def _after_release(rank, world):
+    torch._dynamo.reset()
+    model = TPLlama(ModelConfig(layers=1), None)
+    ids = _ids((6,), rank)
+    with torch.no_grad():
+        ref = TPLlama(ModelConfig(layers=1), None)(ids)
+        compiled = _compile(model, lmhead_tp=2, mlp_tp=2, release_weights=True)
+        rel = _rel(compiled(ids), ref)
+        again = _rel(compiled(_ids((9,), rank)), TPLlama(ModelConfig(layers=1), None)(_ids((9,), rank)))
+    w = model.lm_head.weight
+    errors = []
+    for what in (model.state_dict, lambda: model.to(torch.bfloat16)):
+        try:
+            what()
+            errors.append("no error")
+        except RuntimeError as e:
+            errors.append(str(e))
+    return rel, again, list(w.shape), w.untyped_storage().nbytes(), errors
+
+
+def test_4_released_weights_refuse_state_dict_and_casts():
+    for rel, again, shape, nbytes, errors in run_ranks(_after_release, 2):
+        assert rel < 1e-5 and again < 1e-5  # a new shape recompiles from the cached shards
+        assert shape == [96, 64] and nbytes == 0
+        for e in errors:  # names a released weight (the first module state_dict/.to reaches)
+            assert "release_weights" in e and ".weight" in e, e

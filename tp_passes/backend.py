@@ -13,6 +13,7 @@ extra graph inputs by a small runtime wrapper.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,16 +81,49 @@ class Agreed:
     layout_reason: str  # why there is no layout
 
 
-def _source_names(gm: fx.GraphModule) -> list[str]:
-    """Module path of every ATen graph input, in aot_autograd's order."""
-    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+def _sources(gm: fx.GraphModule) -> list[str]:
+    """Dynamo's source of every graph input (``L['self']._modules['layers']...``), or ''."""
+    names = ["" for _ in gm.named_parameters(remove_duplicate=False)]
+    names += ["" for _ in gm.named_buffers(remove_duplicate=False)]
     for node in gm.graph.find_nodes(op="placeholder"):
         arg = node.meta.get("grapharg")
         src = getattr(arg, "source", None) if arg is not None else None
         name = getattr(src, "name", "") if src is not None else ""
-        names.append(path_from_source(name() if callable(name) else name) if name else node.name)
+        names.append(name() if callable(name) else name)
     return names
+
+
+def _source_names(gm: fx.GraphModule) -> list[str]:
+    """Module path of every ATen graph input, in aot_autograd's order."""
+    params = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    params += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    phs = list(gm.graph.find_nodes(op="placeholder"))
+    return params + [path_from_source(src) if src else node.name
+                     for src, node in zip(_sources(gm)[len(params):], phs)]
+
+
+def _owners(gm: fx.GraphModule, real_inputs: list[Any]) -> list[tuple[Any, str] | None]:
+    """(module, attribute) holding each graph input, found through Dynamo's sources and the
+    frame being compiled; None where it cannot be found (then the input is never released)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        frame_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:
+        return [None] * len(real_inputs)
+    out: list[tuple[Any, str] | None] = []
+    for src, t in zip(_sources(gm), real_inputs):
+        root = re.match(r"^L\['([^']*)'\]", src)
+        owner, leaf = None, ""
+        if root is not None and isinstance(frame_locals.get(root.group(1)), torch.nn.Module):
+            path = path_from_source(src)
+            try:
+                owner = frame_locals[root.group(1)].get_submodule(module_of(path))
+            except AttributeError:
+                owner = None
+            leaf = path.rpartition(".")[2]
+        out.append((owner, leaf) if owner is not None and getattr(owner, leaf, None) is t else None)
+    return out
 
 
 def outside_compile(fn: Any, *args: Any) -> Any:
@@ -136,6 +170,7 @@ class TPBackend:
         self.input_names = input_names
         self.module_groups: dict[str, Any] = {}  # module TP groups the graph uses
         self.derived: list[weights.Derived] = []  # extra graph inputs, in binding order
+        self.owners: list[tuple[Any, str] | None] = []  # (module, attr) of each input, for release
 
     # -- analysis -------------------------------------------------------------------------
     def sites(self, gm: fx.GraphModule) -> list[Site]:
@@ -360,6 +395,7 @@ class TPBackend:
     def _release(self, gm: fx.GraphModule, plans: list[Plan]) -> None:
         """Free the full weights the rewritten graph no longer reads (tied ones stay)."""
         read = self._reads(gm) | weights.read_by_compiled_graphs()
+        owner_of = {id(t): o for t, o in zip(self.real_inputs, self.owners) if o is not None}
         for p in plans:
             for d in p.derived:
                 if d.source is None or d.spec.kind == "sum":
@@ -367,8 +403,10 @@ class TPBackend:
                 entry = p.entries[0]
                 if id(d.source) in read:
                     entry.details.setdefault("kept_full_weights", []).append(d.name)
+                elif id(d.source) not in owner_of:  # no module to guard: never a silent empty tensor
+                    entry.details.setdefault("kept_full_weights", []).append(f"{d.name} (owner not found)")
                 else:
-                    weights.release([d.source], f"{entry.rewrite} at {entry.module}")
+                    weights.release(d.source, f"{entry.rewrite} at {entry.module}", *owner_of[id(d.source)])
 
     def _apply_module_tp(self, gm, sharding: TokenSharding, p: Plan, sites: list[Site], fake_mode) -> None:
         m, group = p.module, p.groups
@@ -501,6 +539,8 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any], options: di
         # activations stay whole until the rewrites have matched them (decomposed after)
         aot_decomps = {op: fn for op, fn in decomps.items() if op not in KEEP_UNDECOMPOSED}
     tp = TPBackend(config, list(example_inputs), input_names, decomps, in_vllm)
+    if config.release_weights:
+        tp.owners = _owners(gm, tp.real_inputs)
 
     def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
         graph_id = next_graph_id()

@@ -8,6 +8,7 @@ a run that outlives `timeout` is killed and reported as a hang, never waited on 
 
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import os
 import socket
@@ -37,6 +38,7 @@ def _rank_main(
     results: Any,
     env: dict[str, str],
     timeout: float,
+    pg_timeout: float | None,
 ) -> None:
     os.environ.update(env)
     # a hung rank prints where it is stuck before the parent kills it
@@ -48,6 +50,7 @@ def _rank_main(
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
+            **({"timeout": datetime.timedelta(seconds=pg_timeout)} if pg_timeout else {}),
         )
         out = fn(rank, world_size, *args)
         # rank 0 hosts the store: if it exited first, a rank still rendezvousing (new_group
@@ -77,10 +80,12 @@ def run_ranks(
     *args: Any,
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
+    pg_timeout: float | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on `world_size` gloo ranks; return per-rank results.
 
-    `fn` must be importable (module level) and its results picklable.
+    `fn` must be importable (module level) and its results picklable. `pg_timeout` (s):
+    gloo's own timeout per collective, so a rank stuck in one raises instead of waiting.
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "tp_passes"])
@@ -89,7 +94,7 @@ def run_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, fn, args, results, dict(env or {}), timeout),
+            args=(rank, world_size, port, fn, args, results, dict(env or {}), timeout, pg_timeout),
             daemon=True,
         )
         for rank in range(world_size)

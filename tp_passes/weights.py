@@ -28,6 +28,7 @@ torch's version counter: call `refresh_weights()` after them too.
 
 from __future__ import annotations
 
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -142,15 +143,31 @@ def materialize(requests: list[Derived]) -> None:
             d.build()
 
 
-def release(tensors: list[torch.Tensor], why: str) -> None:
-    """Free the tensors' storage (as FSDP does), each once, and mark them released.
+def release(t: torch.Tensor, why: str, owner: Any, leaf: str) -> None:
+    """Free `t`'s storage (as FSDP does) and mark it released; `owner.<leaf>` is `t`.
 
-    Call only with tensors nothing reads any more, after every derived tensor exists.
+    Call only for a tensor nothing reads any more, after every derived tensor exists.
+    The owning module then refuses `state_dict()` and `.to()`/`.half()`/... with the
+    weight's name instead of handing out or converting a tensor that holds no data.
     """
-    for t in {id(t): t for t in tensors}.values():
-        if not is_released(t):
-            setattr(t, RELEASED, why)
-            t.untyped_storage().resize_(0)
+    if is_released(t):
+        return
+    setattr(t, RELEASED, why)
+    t.untyped_storage().resize_(0)
+    leaves = owner.__dict__.setdefault("_tp_passes_released_leaves", {})
+    if not leaves:  # first released weight of this module: install the guards once
+        owner.register_state_dict_post_hook(lambda mod, _sd, prefix, _meta: _refuse(mod, prefix, "state_dict()"))
+        owner._apply = types.MethodType(lambda mod, *_a, **_k: _refuse(mod, "", "converting it (.to(), .half(), ...)"), owner)
+    leaves[leaf] = why
+
+
+def _refuse(module: Any, prefix: str, what: str) -> None:
+    leaves = module.__dict__["_tp_passes_released_leaves"]
+    names = ", ".join(f"{prefix}{leaf} ({why})" for leaf, why in leaves.items())
+    raise RuntimeError(
+        f"tp_passes: {what} is not possible: {names} was freed by release_weights=True and lives "
+        "only as derived shards inside the compiled graph; reload the model to get full weights"
+    )
 
 
 # tensors some compiled graph reads, by id (a WeakSet would compare tensors with ==)
