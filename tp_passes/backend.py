@@ -406,7 +406,7 @@ class TPBackend:
                 elif id(d.source) not in owner_of:  # no module to guard: never a silent empty tensor
                     entry.details.setdefault("kept_full_weights", []).append(f"{d.name} (owner not found)")
                 else:
-                    weights.release(d.source, f"{entry.rewrite} at {entry.module}", *owner_of[id(d.source)])
+                    weights.release(d.source, d.name, f"{entry.rewrite} at {entry.module}", *owner_of[id(d.source)])
 
     def _apply_module_tp(self, gm, sharding: TokenSharding, p: Plan, sites: list[Site], fake_mode) -> None:
         m, group = p.module, p.groups

@@ -143,8 +143,9 @@ def materialize(requests: list[Derived]) -> None:
             d.build()
 
 
-def release(t: torch.Tensor, why: str, owner: Any, leaf: str) -> None:
-    """Free `t`'s storage (as FSDP does) and mark it released; `owner.<leaf>` is `t`.
+def release(t: torch.Tensor, name: str, why: str, owner: Any, leaf: str) -> None:
+    """Free `t` (module path `name`)'s storage, as FSDP does, and mark it released;
+    `owner.<leaf>` is `t`.
 
     Call only for a tensor nothing reads any more, after every derived tensor exists.
     The owning module then refuses `state_dict()` and `.to()`/`.half()`/... with the
@@ -156,14 +157,13 @@ def release(t: torch.Tensor, why: str, owner: Any, leaf: str) -> None:
     t.untyped_storage().resize_(0)
     leaves = owner.__dict__.setdefault("_tp_passes_released_leaves", {})
     if not leaves:  # first released weight of this module: install the guards once
-        owner.register_state_dict_post_hook(lambda mod, _sd, prefix, _meta: _refuse(mod, prefix, "state_dict()"))
-        owner._apply = types.MethodType(lambda mod, *_a, **_k: _refuse(mod, "", "converting it (.to(), .half(), ...)"), owner)
-    leaves[leaf] = why
+        owner.register_state_dict_post_hook(lambda mod, *_: _refuse(mod, "state_dict()"))
+        owner._apply = types.MethodType(lambda mod, *_a, **_k: _refuse(mod, "converting it (.to(), .half(), ...)"), owner)
+    leaves[leaf] = f"{name} ({why})"
 
 
-def _refuse(module: Any, prefix: str, what: str) -> None:
-    leaves = module.__dict__["_tp_passes_released_leaves"]
-    names = ", ".join(f"{prefix}{leaf} ({why})" for leaf, why in leaves.items())
+def _refuse(module: Any, what: str) -> None:
+    names = ", ".join(module.__dict__["_tp_passes_released_leaves"].values())
     raise RuntimeError(
         f"tp_passes: {what} is not possible: {names} was freed by release_weights=True and lives "
         "only as derived shards inside the compiled graph; reload the model to get full weights"
