@@ -145,3 +145,18 @@ def test_invalid_group_sizes_name_the_numbers():
         L.flashcomm2_groups(3)
     with pytest.raises(ValueError, match="k must be a positive int"):
         L.module_tp_groups(0)
+
+
+def test_layout_inferred_from_tp_groups():
+    # contiguous TP groups: the plain grid
+    L, why = RankLayout.infer([[(0, 1)], [(0, 1)], [(2, 3)], [(2, 3)]])
+    assert why == "" and L == RankLayout(4, tp=2, dp=2)
+    # strided TP groups become islands; module TP then pairs ranks at the same TP index
+    L, _ = RankLayout.infer([[(0, 2)], [(1, 3)], [(0, 2)], [(1, 3)]])
+    assert L.tp_groups() == [[0, 2], [1, 3]] and L.module_tp_groups(2) == [[0, 1], [2, 3]]
+    # no all-reduce: pure DP
+    assert RankLayout.infer([[], [], []])[0] == RankLayout(3, dp=3)
+    # groups that do not partition the world, or several groups on one rank: no layout
+    assert RankLayout.infer([[(0, 1)], [(0, 1)], [(1, 2)], [(2, 3)]])[0] is None
+    L, why = RankLayout.infer([[(0, 1), (0, 2)], [(0, 1)], [], []])
+    assert L is None and "more than one group" in why

@@ -208,15 +208,7 @@ class TPBackend:
             "released": released,
         }
         everyone = agree_across_ranks(invariant, "the rewrite plan (config or matched graph)", local)
-        layout, why = None, ""
-        rank_groups = [groups if groups else [(r,)] for r, (_, _, groups) in enumerate(everyone)]
-        if any(len(g) > 1 for g in rank_groups):
-            why = "the model's all-reduces use more than one group per rank"
-        else:
-            try:
-                layout = RankLayout.from_tp_groups(len(everyone), [g[0] for g in rank_groups])
-            except ValueError as e:
-                why = str(e)
+        layout, why = RankLayout.infer([groups for _, _, groups in everyone])
         return Agreed(
             [any(e[0][i] for e in everyone) for i in range(len(sites))],
             [any(e[1][i] for e in everyone) for i in range(len(modules))],

@@ -304,7 +304,7 @@ def parallelize(
     invariant = {"config": config.to_dict(), "modules": [c.invariant() for c in cands], "row_parallel": sorted(rps)}
     local = ([c.match is not None and c.match.has_bias for c in cands], tp_groups)
     everyone = agree_across_ranks(invariant, "the eager rewrite plan (config, matched modules or layers)", local)
-    layout, why = _layout(everyone)
+    layout, why = RankLayout.infer([groups for _, groups in everyone])
     _plan_module_tp(cands, everyone, layout, why)
     entries = [Entry(c.match.kind if c.match else "module_tp", c.path, False,
                      c.match.reason if c.match else "no module TP pattern in this module's forward", blocked=True)
@@ -315,17 +315,6 @@ def parallelize(
     rewritten = tuple(c.path for c in cands if c.match is not None and not c.match.reason)
     entries += _row_parallel(model, config, rps, rewritten, layout, why, device_type)
     return [asdict(e) for e in entries]
-
-
-def _layout(everyone: list) -> tuple[RankLayout | None, str]:
-    """The layout the row-parallel layers' TP groups imply (as the graph path infers it)."""
-    per_rank = [groups if groups else [(r,)] for r, (_, groups) in enumerate(everyone)]
-    if any(len(g) > 1 for g in per_rank):
-        return None, "the model's row-parallel layers use more than one group per rank"
-    try:
-        return RankLayout.from_tp_groups(len(everyone), [g[0] for g in per_rank]), ""
-    except ValueError as e:
-        return None, str(e)
 
 
 def _row_parallel(model, config: TPConfig, rps: dict, rewritten: tuple, layout, why: str,

@@ -112,6 +112,18 @@ class RankLayout:
         contiguous = all(list(g) == list(range(g[0], g[0] + tp)) for g in groups)
         return cls(world_size, tp=tp, dp=world_size // tp, islands=None if contiguous else groups)
 
+    @classmethod
+    def infer(cls, groups_per_rank: Sequence[Sequence[Sequence[int]]]) -> tuple[RankLayout | None, str]:
+        """(layout, "") from the TP groups each rank's all-reduces use (rank r's list; empty:
+        no TP, the rank alone), or (None, why) when they imply none."""
+        per_rank = [list(g) if g else [(r,)] for r, g in enumerate(groups_per_rank)]
+        if any(len(g) > 1 for g in per_rank):
+            return None, "the model's all-reduces use more than one group per rank"
+        try:
+            return cls.from_tp_groups(len(per_rank), [g[0] for g in per_rank]), ""
+        except ValueError as e:
+            return None, str(e)
+
     # -- coordinates ----------------------------------------------------------------
     @property
     def external_dp(self) -> int:
