@@ -259,12 +259,7 @@ class TPBackend:
     def _module_tp_plans(self, modules: list[ModuleMatch], agreed: Agreed) -> list[Plan]:
         plans = []
         for m, bias in zip(modules, agreed.module_bias):
-            m.decide(bias)
-            if not m.reason and agreed.layout is None:
-                m.reason = f"no rank layout for module TP: {agreed.layout_reason}"
-            if not m.reason and agreed.layout.dp % m.k:
-                m.reason = (f"{m.kind}={m.k} does not divide the data-parallel size "
-                            f"dp={agreed.layout.dp} (world {agreed.layout.world_size} / tp {agreed.layout.tp})")
+            m.decide(bias, agreed.layout, agreed.layout_reason)
             p = Plan(None, "skip" if m.reason else "module_tp", module=m)
             ok = not m.reason
             p.entries.append(Entry(m.kind, m.module, ok, m.reason or

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.fx as fx
 import torch.nn as nn
+from torch._guards import detect_fake_mode
 
 from tp_passes import comm, weights
 from tp_passes.config import MODULE_NAME_KEYS, TPConfig
-from tp_passes.fx import find_all_reduces, reduced_matmuls, through_views
+from tp_passes.fx import reduced_matmuls, splice
 from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks, flashcomm2_groups, module_tp_group
 from tp_passes.lowering import mm_reduce_scatter_impl
@@ -110,12 +110,14 @@ def _flashcomm2_forward(rp: RowParallel, module: nn.Module, groups: Any, m: int)
 
 # -- module TP across DP ranks ------------------------------------------------------------
 #
-# Which modules, and whether each can be rewritten, is decided by the graph path's own
-# matcher (`find_module_matches`) run on the module traced with make_fx on fake tensors:
-# one decision function for both paths. After the rewrite the module's parameters *are*
-# the shards (as torch's parallelize_module or vLLM's layers hold them), and the new
-# forward reads them from the module, so `state_dict()`, `.to()` and weight loading see
-# the truth.
+# The graph path's own code, run on each selected module: the module is traced with
+# make_fx (symbolic token count), the same matcher (`find_module_matches`) decides, and the
+# same replacement is spliced into the module's graph, which becomes the module's forward.
+# So the module's own work around the match (a vocab-parallel embedding's masking, a TP
+# all-reduce after down_proj) stays, and both paths compute the same numbers. After the
+# rewrite the module's parameters *are* the shards (as torch's parallelize_module or
+# vLLM's layers hold them); the forward reads them from the module on every call, so
+# `state_dict()`, `.to()` and weight loading see the truth.
 
 
 @dataclass
@@ -124,35 +126,36 @@ class Candidate:
 
     path: str
     module: nn.Module
+    gm: fx.GraphModule  # module(x) traced: inputs (*parameters, x)
+    all_leaves: list[str]  # the module's parameters, in input order
     match: ModuleMatch | None  # None: the traced module has no such pattern
-    params: dict[str, nn.Parameter]  # leaf name in the module -> parameter (shards replace them)
     leaves: list[str] = field(default_factory=list)  # the match's weights, replacement order
-    bias_leaf: str | None = None
-    reduce_group: str | None = None  # mlp_tp: the TP all-reduce after down_proj (TP x DP)
     derived: list[weights.Derived] = field(default_factory=list)
 
     def invariant(self) -> tuple:
-        return (self.path, self.match.invariant() if self.match else None, self.reduce_group is not None)
+        return (self.path, self.match.invariant())
 
 
-def _trace(module: nn.Module, path: str, x: torch.Tensor) -> tuple[fx.GraphModule, list[str], list[str]]:
-    """make_fx of module(x) with its parameters as inputs: (graph, input paths, leaf names)."""
+def _trace(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list[str]]:
+    """make_fx of module(x), token count symbolic, inputs (*parameters, x) positional."""
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
     named = list(module.named_parameters(remove_duplicate=False))
     leaves = [n for n, _ in named]
 
-    def call(params: list[torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
-        out = functional_call(module, dict(zip(leaves, params)), (inp,))
+    def call(*flat: torch.Tensor) -> torch.Tensor:
+        out = functional_call(module, dict(zip(leaves, flat[:-1])), (flat[-1],))
         return out[0] if isinstance(out, tuple) else out
 
-    gm = make_fx(call, tracing_mode="fake")([p for _, p in named], x)
-    return gm, [f"{path}.{n}" for n in leaves] + ["x"], leaves
+    gm = make_fx(call, tracing_mode="symbolic")(*[p.detach() for _, p in named], x)
+    gm.graph._codegen = fx.graph.CodeGen()  # positional inputs: shard inputs get appended
+    gm.recompile()
+    return gm, leaves
 
 
 def _candidates(model: nn.Module, config: TPConfig) -> list[Candidate]:
-    """Every module a module TP size selects, matched on its own traced graph (no collective)."""
+    """Every module a module TP size selects and the matcher accepts (no collective)."""
     out = []
     for path, module in model.named_modules():
         w = getattr(module, "weight", None)
@@ -167,104 +170,63 @@ def _candidates(model: nn.Module, config: TPConfig) -> list[Candidate]:
         if not kinds:
             continue
         kind = kinds[0]
-        if kind == "embedding_tp":
-            x = torch.zeros(2, dtype=torch.int64)
-        else:
-            x = torch.zeros(2, w.shape[1], dtype=w.dtype)
-        gm, input_names, leaves = _trace(module, path, x)
+        x = torch.zeros(3, dtype=torch.int64) if kind == "embedding_tp" else torch.zeros(3, w.shape[1], dtype=w.dtype)
+        gm, leaves = _trace(module, x)
         one = dataclasses.replace(config, **{k: getattr(config, k) if k == kind else 0 for k in MODULE_NAME_KEYS})
-        found = find_module_matches(gm, input_names, one, reduced_matmuls(gm.graph))
-        match = found[0] if len(found) == 1 else None
-        params = dict(module.named_parameters(remove_duplicate=False))
-        c = Candidate(path, module, match, params)
-        if match is not None:
-            leaf_of = dict(zip(gm.graph.find_nodes(op="placeholder"), leaves))
-            c.leaves = [leaf_of[w] for w in match.weights]
-            c.bias_leaf = leaf_of.get(match.bias)
-            if match.bias is not None and c.bias_leaf is None:
-                match.reason = match.reason or "bias is not a parameter of the module"
-        if match is not None and not match.reason:
-            match.reason = _covers_module(gm, match, c)
+        found = find_module_matches(gm, [f"{path}.{n}" for n in leaves] + ["x"], one, reduced_matmuls(gm.graph))
+        if len(found) != 1:  # as the graph path: a module without the pattern is no match
+            continue
+        c = Candidate(path, module, gm, leaves, found[0])
+        leaf_of = dict(zip(gm.graph.find_nodes(op="placeholder"), leaves))
+        c.leaves = [leaf_of[w] for w in c.match.weights]
         out.append(c)
     return out
 
 
-def _covers_module(gm: fx.GraphModule, match: ModuleMatch, c: Candidate) -> str:
-    """Why the eager path cannot replace the whole module by the match ("" if it can).
+def _rewrite_module(c: Candidate, group: Any) -> None:
+    """Splice the match's replacement into the module's graph; it becomes the forward."""
+    m, gm, g, k = c.match, c.gm, group.group_name, c.match.k
+    graph = gm.graph
+    phs = list(graph.find_nodes(op="placeholder"))
+    fake_mode = detect_fake_mode([ph.meta["val"] for ph in phs])
+    shard_nodes = []
+    for d in c.derived:
+        with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
+            node = graph.placeholder(f"shard_{len(shard_nodes)}")
+        node.meta["val"] = fake_mode.from_tensor(d.value, static_shapes=True)
+        shard_nodes.append(node)
+    fn = module_tp_forward(m, g, k, dist.get_rank(group.pg), c.derived[0].source.shape[0])
+    args = [m.x, *shard_nodes] + ([m.bias] if m.bias is not None else [])
+    out = splice(graph, fn, args, m.out, fake_mode)
+    m.out.replace_all_uses_with(out)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    module, embedding = c.module, m.kind == "embedding_tp"
 
-    The new forward replaces the module's forward, so the match must read the module's
-    input and produce its output: a vocab-parallel embedding (masking and a TP all-reduce
-    around the lookup) is rewritten by the graph path only. An MLP whose down_proj ends in
-    a TP all-reduce (TP x DP) keeps that all-reduce after the replacement.
-    """
-    x = gm.graph.find_nodes(op="placeholder")[-1]
-    (out,) = gm.graph.find_nodes(op="output")[0].args[0]
-    out = through_views(out)
-    if through_views(match.x) is not x:
-        return "eager: the module transforms its input before the matched op (graph path only)"
-    if out is match.out:
-        return ""
-    for ar in find_all_reduces(gm.graph):
-        if match.kind == "mlp_tp" and out is ar.result and through_views(ar.partial) is match.out:
-            c.reduce_group = ar.group_name
-            return ""
-    return "eager: the module does more after the matched op (graph path only)"
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        params = [module.get_parameter(n) for n in c.all_leaves]
+        shards = [module.get_parameter(n) for n in c.leaves]
+        flat = x.reshape(-1, 1) if embedding else x.reshape(-1, x.shape[-1])
+        padded, t_max = comm.pad_to_group_max(flat, g, k)  # the group's ranks may bring different T
+        if t_max < 2:  # the graph was traced for a symbolic T >= 2 (torch specializes 0 and 1)
+            padded = torch.nn.functional.pad(padded, (0, 0, 0, 2 - padded.shape[0]))
+        y = gm(*params, padded.reshape(-1) if embedding else padded, *shards)
+        y = y[0] if isinstance(y, (list, tuple)) else y
+        return y[: flat.shape[0]].reshape(*(x.shape if embedding else x.shape[:-1]), y.shape[-1])
 
-
-def _module_forward(c: Candidate, group: Any):
-    """The new forward of a module-TP module; it reads its (sharded) parameters each call."""
-    m, g, k, j = c.match, group.group_name, c.match.k, dist.get_rank(group.pg)
-    fn = module_tp_forward(m, g, k, j, c.derived[0].source.shape[0])
-    module = c.module
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        ws = [module.get_parameter(n) for n in c.leaves]
-        if c.bias_leaf is not None:
-            ws.append(module.get_parameter(c.bias_leaf))
-        if m.kind == "embedding_tp":
-            flat = _tokens_first(lambda ids: fn(ids.reshape(-1), *ws), g, k)(x.reshape(-1, 1))
-            return flat.reshape(*x.shape, -1)
-        y = _tokens_first(lambda t: fn(t, *ws), g, k)(x)
-        if c.reduce_group is not None:
-            y = funcol.all_reduce(y, "sum", c.reduce_group)
-        return y
-
-    return run
-
-
-def _tokens_first(fn, g: str, k: int):
-    """Wrap fn(x2d) -> [T', F]: flatten leading dims, pad T to the group max, unpad."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        xp, _ = comm.pad_to_group_max(x2, g, k)
-        out = fn(xp)[: x2.shape[0]]
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    return run
-
-
-def _plan_module_tp(cands: list[Candidate], everyone: list, layout: RankLayout | None, why: str) -> None:
-    """Decide every candidate the way the graph path does, from agreed facts."""
-    for i, c in enumerate(cands):
-        if c.match is None:
-            continue
-        c.match.decide(any(e[0][i] for e in everyone))
-        if not c.match.reason and layout is None:
-            c.match.reason = f"no rank layout for module TP: {why}"
-        elif not c.match.reason and layout.dp % c.match.k:
-            c.match.reason = f"{c.match.kind}={c.match.k} does not divide dp={layout.dp}"
+    module.forward = types.MethodType(forward, module)
 
 
 def _apply_module_tp(cands: list[Candidate], layout: RankLayout) -> list[Entry]:
     """Shard the selected modules: their parameters become the shards (tied ones once)."""
     entries: list[Entry] = []
-    todo = [c for c in cands if c.match is not None and not c.match.reason]
+    todo = [c for c in cands if not c.match.reason]
     groups = {c.path: module_tp_group(c.match.k, layout) for c in todo}  # collective, agreed order
     for c in todo:
         specs = shard_specs(c.match.kind, len(c.leaves))
-        c.derived = [weights.Derived(f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, groups[c.path].pg),
-                                     c.params[leaf], c.params[leaf]) for leaf, (kind, dim) in zip(c.leaves, specs)]
+        full = [c.module.get_parameter(leaf) for leaf in c.leaves]
+        c.derived = [weights.Derived(f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, groups[c.path].pg), w, w)
+                     for leaf, w, (kind, dim) in zip(c.leaves, full, specs)]
     weights.materialize([d for c in todo for d in c.derived])
     shards: dict[tuple, nn.Parameter] = {}  # (id(full), spec key) -> shard: tied weights share one
     for c in todo:
@@ -277,8 +239,7 @@ def _apply_module_tp(cands: list[Candidate], layout: RankLayout) -> list[Entry]:
             before += d.source.numel() * d.source.element_size()
             owner, _, name = leaf.rpartition(".")
             setattr(c.module.get_submodule(owner) if owner else c.module, name, shards[key])
-        fwd = _module_forward(c, groups[c.path])
-        c.module.forward = types.MethodType(lambda self, x, _f=fwd: _f(x), c.module)
+        _rewrite_module(c, groups[c.path])
         entries.append(Entry(c.match.kind, c.path, True, "", c.match.k,
                              {"weight_bytes_before": before, "weight_bytes_after": after}))
     return entries
@@ -302,17 +263,17 @@ def parallelize(
     rps = {name: rp for name, module in model.named_modules() if (rp := recognize(module)) is not None}
     tp_groups = sorted({tuple(sorted(dist.get_process_group_ranks(rp.group))) for rp in rps.values()})
     invariant = {"config": config.to_dict(), "modules": [c.invariant() for c in cands], "row_parallel": sorted(rps)}
-    local = ([c.match is not None and c.match.has_bias for c in cands], tp_groups)
+    local = ([c.match.has_bias for c in cands], tp_groups)
     everyone = agree_across_ranks(invariant, "the eager rewrite plan (config, matched modules or layers)", local)
     layout, why = RankLayout.infer([groups for _, groups in everyone])
-    _plan_module_tp(cands, everyone, layout, why)
-    entries = [Entry(c.match.kind if c.match else "module_tp", c.path, False,
-                     c.match.reason if c.match else "no module TP pattern in this module's forward", blocked=True)
-               for c in cands if c.match is None or c.match.reason]
+    for i, c in enumerate(cands):
+        c.match.decide(any(e[0][i] for e in everyone), layout, why)
+    entries = [Entry(c.match.kind, c.path, False, c.match.reason, c.match.k, blocked=True)
+               for c in cands if c.match.reason]
     if config.strict and entries:
         raise RuntimeError("tp_passes (strict): " + "; ".join(f"{e.rewrite} at {e.module}: {e.reason}" for e in entries))
-    entries += _apply_module_tp(cands, layout) if any(c.match and not c.match.reason for c in cands) else []
-    rewritten = tuple(c.path for c in cands if c.match is not None and not c.match.reason)
+    entries += _apply_module_tp(cands, layout) if any(not c.match.reason for c in cands) else []
+    rewritten = tuple(c.path for c in cands if not c.match.reason)
     entries += _row_parallel(model, config, rps, rewritten, layout, why, device_type)
     return [asdict(e) for e in entries]
 

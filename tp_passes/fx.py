@@ -243,7 +243,11 @@ def splice(
         it = iter(ts)
         return fn(*[next(it) if isinstance(a, fx.Node) else a for a in args])
 
-    with fake_mode:
+    from torch._dispatch.python import enable_python_dispatcher
+
+    # symbolic sizes (dynamic token counts) need the python dispatcher, which aot_autograd
+    # enables for its own tracing; eager callers (tp_passes.eager) do not have it on
+    with fake_mode, enable_python_dispatcher():
         traced = make_fx(only_tensors, decompositions, tracing_mode="real")(
             *[v for a, v in zip(args, fake_args) if isinstance(a, fx.Node)]
         )

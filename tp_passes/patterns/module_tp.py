@@ -96,14 +96,20 @@ class ModuleMatch:
     def invariant(self) -> tuple:
         return (self.kind, self.module, self.k, [str(val(w).shape) for w in self.weights], self.reason, self.act)
 
-    def decide(self, any_rank_has_bias: bool) -> None:
-        """The skip reason that depends on other ranks' facts (same result on every rank)."""
-        if self.reason or not any_rank_has_bias:
+    def decide(self, any_rank_has_bias: bool, layout: Any, no_layout: str) -> None:
+        """The skip reasons that depend on every rank's facts (the same on every rank): a
+        bias on any rank, and the layout the model's TP groups imply (None: `no_layout`)."""
+        if self.reason:
             return
-        if self.kind == "lmhead_tp":
+        if any_rank_has_bias and self.kind == "lmhead_tp":
             self.reason = "lm_head with bias is not supported"
-        elif self.kind == "mlp_tp":
+        elif any_rank_has_bias and self.kind == "mlp_tp":
             self.reason = "MLP with biases is not supported"
+        elif layout is None:
+            self.reason = f"no rank layout for module TP: {no_layout}"
+        elif layout.dp % self.k:
+            self.reason = (f"{self.kind}={self.k} does not divide the data-parallel size dp={layout.dp} "
+                           f"(world {layout.world_size} / tp {layout.tp})")
 
 
 def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
