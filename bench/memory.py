@@ -4,7 +4,7 @@ Shapes (DESIGN §8): hidden 7168, 128 heads x 128 v_head_dim (o_proj input 16384
 129280, 61 layers, of which the first 3 have a dense MLP (intermediate 18432); the MoE
 layers' experts are not touched by module TP. Weights are bf16 on the meta device (no
 memory is allocated); shards are made by the same code the rewrites use
-(`weights.materialize` with a "shard" spec) on a fake process group of k ranks, and their
+(`weights.derive` with a "shard" spec) on a fake process group of k ranks, and their
 bytes are compared with the analytic full/k.
 
     python bench/memory.py [--out bench/out/memory.json]
@@ -47,7 +47,7 @@ def measure(k: int) -> dict:
             full = shard = 0
             for shape, kind, dim in ws:
                 w = torch.empty(shape, dtype=DTYPE, device="meta")
-                s = weights.materialize(w, weights.WeightSpec(kind, dim, group))
+                s = weights.derive(w, weights.WeightSpec(kind, dim, group))
                 full += nbytes(w) * count
                 shard += nbytes(s) * count
             analytic = full / k
