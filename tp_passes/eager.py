@@ -177,6 +177,12 @@ def _candidates(model: nn.Module, config: TPConfig) -> list[Candidate]:
         if len(found) != 1:  # as the graph path: a module without the pattern is no match
             continue
         c = Candidate(path, module, gm, leaves, found[0])
+        if any(str(n.target).startswith("c10d.") for n in gm.graph.nodes if n.op == "call_function"):
+            # make_fx keeps dist.all_reduce as c10d.allreduce_ without its wait: the traced
+            # graph would read the result before the collective completes
+            c.match.reason = c.match.reason or (
+                "eager: the module issues an in-place collective (dist.all_reduce), which its "
+                "traced graph cannot run in order; the graph path (torch.compile) rewrites it")
         leaf_of = dict(zip(gm.graph.find_nodes(op="placeholder"), leaves))
         c.leaves = [leaf_of[w] for w in c.match.weights]
         out.append(c)
