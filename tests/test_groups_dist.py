@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 import tp_passes
+from tp_passes.groups import registry
 from tp_passes import RankLayout, TPConfig
 from tp_passes.groups.registry import required_groups
 from tp_passes.testing import RankFailure, run_ranks
@@ -32,9 +33,9 @@ def _check_all_groups(rank, world, cases):
         layout = RankLayout(world, **layout_kwargs)
         reg = tp_passes.init_groups(config, layout)
         assert tp_passes.init_groups(config, layout) is reg  # idempotent
-        n_created = len(reg._created)
+        n_created = len(registry._CREATED)  # process groups, shared by all registries
         tp_passes.init_groups(config, layout)
-        assert len(reg._created) == n_created
+        assert len(registry._CREATED) == n_created
         for name, rank_lists in required_groups(config, layout).items():
             mine = sorted(RankLayout.group_of(rank, rank_lists))
             info = tp_passes.get_group_info(name)
@@ -46,7 +47,7 @@ def _check_all_groups(rank, world, cases):
             assert x.item() == sum(r + 1 for r in mine), (name, x.item(), mine)
             checked.append((layout_kwargs.get("tp"), name, mine))
         # equal rank lists are one group
-        keys = list(reg._created)
+        keys = list(registry._CREATED)
         assert len(keys) == len(set(keys))
         tp_passes.destroy_groups()
     return checked
@@ -101,7 +102,10 @@ def _bad_module_size(rank, world):
 
 
 def test_module_tp_size_not_dividing_dp():
-    assert run_ranks(_bad_module_size, 4, timeout=60) == ["RankLayout: module TP size k=3 does not divide dp=4"] * 4
+    # the error names the config field, then the layout's reason
+    assert run_ranks(_bad_module_size, 4, timeout=60) == [
+        "tp_passes: TPConfig.oproj_tp=3 does not fit the layout: "
+        "RankLayout: module TP size k=3 does not divide dp=4"] * 4
 
 
 def _get_before_init(rank, world):

@@ -187,7 +187,8 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
         else:
             pg = dist.new_group(list(key), backend=reg.backend)
             _CREATED[key] = pg if rank in key else None
-    return NamedGroup(name, mine, _CREATED[mine])
+    reg.groups[name] = NamedGroup(name, mine, _CREATED[mine])
+    return reg.groups[name]
 
 
 def registry_for(inferred: RankLayout) -> GroupRegistry:
@@ -257,11 +258,15 @@ def get_registry() -> GroupRegistry:
 
 def get_group(name: str) -> Any:
     """The torch ProcessGroup registered as `name` ('tp', 'otp', 'fc2_odp', ...)."""
-    return get_registry().get(name).pg
+    return get_group_info(name).pg
 
 
 def get_group_info(name: str) -> NamedGroup:
-    return get_registry().get(name)
+    """A group by name: from init_groups, else from a layout a compile inferred (newest first)."""
+    for reg in ([_REGISTRY] if _REGISTRY is not None else []) + list(reversed(_INFERRED.values())):
+        if name in reg.groups:
+            return reg.groups[name]
+    return get_registry().get(name)  # raises: not initialized, or the names that exist
 
 
 def destroy_groups() -> None:
