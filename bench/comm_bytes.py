@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from tp_passes.groups import destroy_groups
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, reset_reports
 
 N = 8
@@ -88,7 +88,7 @@ def counted(tp: bool, opts: dict, T: int) -> tuple[float, list]:
     torch._dynamo.reset()
     reset_reports()
     destroy_groups()  # each case infers its own layout (TP model vs pure DP)
-    model = TPLlama(CFG, dist.group.WORLD if tp else None)
+    model = RefLlama(CFG, dist.group.WORLD if tp else None)
     with torch.no_grad():
         torch.compile(model, backend="tp_passes", options=dict(opts, inner="eager"))(torch.arange(T) % V)
     rep = all_reports()[-1]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from tp_passes.backend import tp_passes_backend
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, reset_reports
 
 CASES = {"sequence_parallel": {}, "flashcomm2=1 + SP": {"flashcomm2": 1}}
@@ -28,7 +28,7 @@ CASES = {"sequence_parallel": {}, "flashcomm2=1 + SP": {"flashcomm2": 1}}
 def measure(layers: int, opts: dict, tokens: int = 64) -> dict:
     torch._dynamo.reset()
     reset_reports()
-    model = TPLlama(ModelConfig(vocab=256, hidden=128, heads=16, kv_heads=8, head_dim=8,
+    model = RefLlama(ModelConfig(vocab=256, hidden=128, heads=16, kv_heads=8, head_dim=8,
                                 intermediate=256, layers=layers), dist.group.WORLD)
     ids = torch.arange(tokens)
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from tp_passes.backend import tp_passes_backend
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, last_report
 from tp_passes.testing import RankFailure, run_ranks
 
@@ -43,7 +43,7 @@ def _cases(rank, world, names, dtypes, shapes, model_kwargs, inner, backend=tp_p
         for dtype in dtypes:
             for shape in shapes:
                 torch._dynamo.reset()
-                model = TPLlama(ModelConfig(layers=LAYERS, **model_kwargs), dist.group.WORLD).to(dtype)
+                model = RefLlama(ModelConfig(layers=LAYERS, **model_kwargs), dist.group.WORLD).to(dtype)
                 ids = torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(sum(shape)))
                 opts = dict(REWRITES[name], inner=inner, strict=True)
                 with torch.no_grad():
@@ -105,7 +105,7 @@ def test_inductor_inner_each_rewrite():
 
 def _dynamic(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=LAYERS), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=LAYERS), dist.group.WORLD)
     compiled = torch.compile(model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1}, dynamic=True)
     diffs = []
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_dynamic_token_count_one_graph():
 
 def _divergent(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=1), dist.group.WORLD)
     opts = {"inner": "eager", "strict": True, "flashcomm2": 1 if rank == 0 else 0}
     with torch.no_grad():
         torch.compile(model, backend=tp_passes_backend, options=opts)(torch.arange(4))
@@ -136,7 +136,7 @@ def test_rank_divergent_plan_raises_instead_of_hanging():
 
 def _strict_skip(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1, heads=8, kv_heads=4), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=1, heads=8, kv_heads=4), dist.group.WORLD)
     opts = {"inner": "eager", "strict": True, "flashcomm2": 3}
     with torch.no_grad():
         torch.compile(model, backend=tp_passes_backend, options=opts)(torch.arange(4))
@@ -154,10 +154,10 @@ def _eager_vs_graph(rank, world, opts, shape, dtype):
     cfg = ModelConfig(layers=LAYERS, o_proj_bias=True)
     ids = torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        original = TPLlama(cfg, dist.group.WORLD).to(dtype)
+        original = RefLlama(cfg, dist.group.WORLD).to(dtype)
         ref = original(ids)
         graph = torch.compile(original, backend=tp_passes_backend, options=dict(opts, inner="eager"))(ids)
-        eager_model = TPLlama(cfg, dist.group.WORLD).to(dtype)
+        eager_model = RefLlama(cfg, dist.group.WORLD).to(dtype)
         entries = tp_passes.parallelize(eager_model, tp_passes.TPConfig.from_dict(opts))
         eager = eager_model(ids)
     scale = ref.float().abs().max().item()

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from tp_passes.backend import tp_passes_backend
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, reset_reports
 
 
@@ -32,7 +32,7 @@ def test_structure_at_scale(fake_world, opts, expect):
     torch._dynamo.reset()
     reset_reports()
     cfg = ModelConfig(vocab=4 * n, hidden=64, heads=n, kv_heads=n, head_dim=4, intermediate=2 * n, layers=2)
-    model = TPLlama(cfg, dist.group.WORLD)
+    model = RefLlama(cfg, dist.group.WORLD)
     with torch.no_grad():
         torch.compile(model, backend=tp_passes_backend, options=dict(opts, inner="eager", strict=True))(torch.arange(37))
     rep = all_reports()[-1]

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import tp_passes
 from tp_passes import RankLayout, TPConfig
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.testing import run_ranks
 
 CONFIG_CASES = [
@@ -76,8 +76,8 @@ def _compile(model, ids, **opts):
 
 def _cases(rank, world):
     ids = torch.arange(5)
-    tp_model = lambda **kw: TPLlama(ModelConfig(layers=1, **kw), dist.group.WORLD)  # noqa: E731
-    dp_model = lambda **kw: TPLlama(ModelConfig(layers=1, **kw), None)  # noqa: E731
+    tp_model = lambda **kw: RefLlama(ModelConfig(layers=1, **kw), dist.group.WORLD)  # noqa: E731
+    dp_model = lambda **kw: RefLlama(ModelConfig(layers=1, **kw), None)  # noqa: E731
     cases = {
         "init_groups world size": lambda: tp_passes.init_groups(TPConfig(), RankLayout(8, tp=8)),
         "init_groups k does not divide dp": lambda: tp_passes.init_groups(TPConfig(lmhead_tp=3), RankLayout(world, dp=world)),

@@ -6,13 +6,13 @@ import torch
 import torch.distributed as dist
 
 from tp_passes.backend import tp_passes_backend
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.testing import run_ranks
 
 
 def _compile_with_dump(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=2), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=2), dist.group.WORLD)
     with torch.no_grad():
         torch.compile(model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1})(torch.arange(9))
     return rank

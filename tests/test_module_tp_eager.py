@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tp_passes
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.testing import run_ranks
 
 ALL = {"oproj_tp": 2, "embedding_tp": 2, "lmhead_tp": 2, "mlp_tp": 2}
@@ -15,8 +15,8 @@ def _eager(rank, world, sizes, shapes, dtype, model_kwargs, release):
     cfg = ModelConfig(**{"vocab": 37, "intermediate": 26, "layers": 2, **model_kwargs})  # 37 % k != 0
     ids = torch.randint(0, cfg.vocab, shapes[rank], generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
-        ref = TPLlama(cfg, None).to(dtype)(ids)  # pure DP: no TP group, all weights local
-        model = TPLlama(cfg, None).to(dtype)
+        ref = RefLlama(cfg, None).to(dtype)(ids)  # pure DP: no TP group, all weights local
+        model = RefLlama(cfg, None).to(dtype)
         params_before = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
         entries = tp_passes.parallelize(model, tp_passes.TPConfig(release_weights=release, **sizes))
         got = model(ids)
@@ -71,8 +71,8 @@ def _override(rank, world):
     cfg = ModelConfig(layers=2)
     ids = torch.randint(0, cfg.vocab, (5 + rank,), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
-        ref = TPLlama(cfg, None)(ids)
-        model = TPLlama(cfg, None)
+        ref = RefLlama(cfg, None)(ids)
+        model = RefLlama(cfg, None)
         config = tp_passes.TPConfig(oproj_tp=2, module_names={"oproj_tp": ["down_proj"]})
         entries = tp_passes.parallelize(model, config)
         rel = ((model(ids) - ref).abs().max() / ref.abs().max()).item()

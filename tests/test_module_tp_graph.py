@@ -4,7 +4,7 @@ model vs the original, on every rank; weight release; equal-token check under st
 import pytest
 import torch
 
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports
 from tp_passes.testing import RankFailure, run_ranks
 
@@ -15,7 +15,7 @@ def _graph(rank, world, k, dtype, shape, model_kwargs, opts):
     torch._dynamo.reset()
     cfg = ModelConfig(layers=2, **{"vocab": 37, "intermediate": 26, **model_kwargs})
     ids = torch.randint(0, cfg.vocab, shape, generator=torch.Generator().manual_seed(10 + rank))
-    model = TPLlama(cfg, None).to(dtype)  # pure DP: every rank holds every weight
+    model = RefLlama(cfg, None).to(dtype)  # pure DP: every rank holds every weight
     with torch.no_grad():
         ref = model(ids)
         options = {"inner": "eager", "strict": True, **{kind: k for kind in KINDS}, **opts}

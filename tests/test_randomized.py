@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import tp_passes
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.testing import run_ranks
 
 SEED = int(os.environ.get("TPP_FUZZ_SEED", "20261123"))
@@ -37,7 +37,7 @@ def make_config(seed: int, i: int) -> dict:
     layout = r.choice(["tp", "dp"] + (["tpdp", "strided"] if world == 4 else []))
     tp = {"tp": world, "dp": 1}.get(layout, 2)
     heads = r.choice([4, 8])
-    model = dict(  # heads and KV heads divide the TP size (TPLlama shards them evenly)
+    model = dict(  # heads and KV heads divide the TP size (RefLlama shards them evenly)
         hidden=r.choice([36, 50, 64]), heads=heads, kv_heads=r.choice([h for h in (heads, heads // 2) if h % tp == 0]),
         head_dim=r.choice([4, 6, 8]), intermediate=r.choice([24, 36] if tp > 1 else [24, 26, 36]),
         vocab=r.choice([48, 96] if tp > 1 else [37, 48, 50]), layers=r.choice([1, 2]),
@@ -96,8 +96,8 @@ def _run_one(rank: int, world: int, c: dict) -> float:
         g = torch.Generator().manual_seed(1000 * replica + salt)
         return torch.randint(0, cfg.vocab, tuple(shape), generator=g)
 
-    ref = TPLlama(cfg, group).to(dtype)
-    model = TPLlama(cfg, group).to(dtype)
+    ref = RefLlama(cfg, group).to(dtype)
+    model = RefLlama(cfg, group).to(dtype)
     opts = dict(c["opts"], inner=c["inner"])
     errors = []
     with torch.no_grad():

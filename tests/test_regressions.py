@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import tp_passes
-from tp_passes.models import ModelConfig, TPLlama
+from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports
 from tp_passes.testing import RankFailure, run_ranks
 
@@ -42,7 +42,7 @@ def _tp_groups(world, tp, strided=False):
 
 
 def _recompile_fc2(rank, world, release):
-    model = TPLlama(ModelConfig(layers=2, o_proj_bias=True), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=2, o_proj_bias=True), dist.group.WORLD)
     out = []
     with torch.no_grad():
         for t in (7, 5, 7):  # new token count, then torch._dynamo.reset() and the first again
@@ -71,7 +71,7 @@ def test_3_recompile_after_release_weights_reads_no_released_weight():
 
 def _stale(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=2, o_proj_bias=True), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=2, o_proj_bias=True), dist.group.WORLD)
     ids = _ids((7,))
     errors = []
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_4_cast_and_update_are_never_served_stale():
 
 def _module_tp_update(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1), None)
+    model = RefLlama(ModelConfig(layers=1), None)
     ids = _ids((6,))
     with torch.no_grad():
         compiled = _compile(model, lmhead_tp=2, mlp_tp=2)
@@ -114,7 +114,7 @@ def test_4_module_tp_shards_follow_in_place_updates():
 
 
 def _eager_shard_truth(rank, world):
-    model = TPLlama(ModelConfig(layers=1), None)
+    model = RefLlama(ModelConfig(layers=1), None)
     tp_passes.parallelize(model, tp_passes.TPConfig(oproj_tp=2, release_weights=True))
     w = model.layers[0].self_attn.o_proj.weight
     sd = model.state_dict()["layers.0.self_attn.o_proj.weight"]
@@ -135,12 +135,12 @@ def _eager_vs_graph(rank, world, model_kwargs, sizes, tp):
     cfg = ModelConfig(layers=1, **model_kwargs)
     ids = _ids((5,), rank // tp)  # TP ranks share tokens, DP ranks differ
     with torch.no_grad():
-        ref = TPLlama(cfg, group)(ids)
-        model = TPLlama(cfg, group)
+        ref = RefLlama(cfg, group)(ids)
+        model = RefLlama(cfg, group)
         entries = tp_passes.parallelize(model, tp_passes.TPConfig(sequence_parallel=False, **sizes))
         eager = _rel(model(ids), ref)
         torch._dynamo.reset()
-        graph = _rel(_compile(TPLlama(cfg, group), sequence_parallel=False, **sizes)(ids), ref)
+        graph = _rel(_compile(RefLlama(cfg, group), sequence_parallel=False, **sizes)(ids), ref)
     graph_applied = sorted((e.rewrite, e.module) for e in all_reports()[-1].entries if e.applied)
     eager_applied = sorted((e["rewrite"], e["module"]) for e in entries if e["applied"])
     return eager, graph, eager_applied, graph_applied
@@ -164,7 +164,7 @@ def test_5_eager_decides_like_the_graph_path(model_kwargs, sizes, tp):
 
 def _inplace(rank, world, opts):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=2, inplace_all_reduce=True), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=2, inplace_all_reduce=True), dist.group.WORLD)
     ids = _ids((7,))
     with torch.no_grad():
         ref = model(ids)
@@ -187,7 +187,7 @@ def test_6_inplace_all_reduce_rewrite_leaves_no_dead_matmul():
 def _oproj_on_tp(rank, world, strict):
     group = _tp_groups(world, 2)
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1), group)
+    model = RefLlama(ModelConfig(layers=1), group)
     ids = _ids((5,), rank // 2)
     with torch.no_grad():
         ref = model(ids)
@@ -211,8 +211,8 @@ def _tied_one(rank, world, kind, graph):
     cfg = ModelConfig(layers=1, tie_embeddings=True)
     ids = _ids((6,), rank)
     with torch.no_grad():
-        ref = TPLlama(cfg, None)(ids)
-        model = TPLlama(cfg, None)
+        ref = RefLlama(cfg, None)(ids)
+        model = RefLlama(cfg, None)
         if graph:
             got = _compile(model, release_weights=True, **{kind: 2})(ids)
             got = _compile(model, release_weights=True, **{kind: 2})(ids)  # and again
@@ -236,7 +236,7 @@ def _two_layouts(rank, world):
     out = []
     for tp_model in (True, False, True):
         torch._dynamo.reset()
-        model = TPLlama(ModelConfig(layers=1), dist.group.WORLD if tp_model else None)
+        model = RefLlama(ModelConfig(layers=1), dist.group.WORLD if tp_model else None)
         ids = _ids((5,), 0 if tp_model else rank)
         opts = {"flashcomm2": 1} if tp_model else {"mlp_tp": 2}
         with torch.no_grad():
@@ -254,13 +254,13 @@ def test_9_models_with_different_layouts_in_one_process():
 
 def _diverging_graph(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1), None)
+    model = RefLlama(ModelConfig(layers=1), None)
     with torch.no_grad():
         _compile(model, **({"mlp_tp": 2} if rank == 0 else {}))(_ids((5,)))
 
 
 def _diverging_eager(rank, world):
-    model = TPLlama(ModelConfig(layers=1), None)
+    model = RefLlama(ModelConfig(layers=1), None)
     tp_passes.parallelize(model, tp_passes.TPConfig(**({"mlp_tp": 2} if rank == 0 else {"oproj_tp": 2})))
     model(_ids((5,)))
 
@@ -276,7 +276,7 @@ def test_10_diverging_configs_raise(fn):
 
 def _mlp_inductor(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1), None)
+    model = RefLlama(ModelConfig(layers=1), None)
     ids = _ids((6,), rank)
     with torch.no_grad():
         got = torch.compile(model, backend="tp_passes", options={"mlp_tp": 2, "strict": True})(ids)
@@ -296,7 +296,7 @@ def test_11_mlp_tp_with_inductor():
 def _mlp_bias_tp_dp(rank, world):
     group = _tp_groups(world, 2)
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1, mlp_bias=True), group)
+    model = RefLlama(ModelConfig(layers=1, mlp_bias=True), group)
     ids = _ids((5,), rank // 2)
     with torch.no_grad():
         got = _compile(model, mlp_tp=2)(ids)
@@ -319,8 +319,8 @@ def _strided(rank, world, graph):
     cfg = ModelConfig(layers=1)
     ids = _ids((5,), min(dist.get_process_group_ranks(group)))  # one replica's tokens
     with torch.no_grad():
-        ref = TPLlama(cfg, group)(ids)
-        model = TPLlama(cfg, group)
+        ref = RefLlama(cfg, group)(ids)
+        model = RefLlama(cfg, group)
         if graph:
             # without SP the TP all-reduce reads the module TP result directly
             got = _compile(model, mlp_tp=2, lmhead_tp=2, strict=True, sequence_parallel=False)(ids)
@@ -346,7 +346,7 @@ def test_13_module_tp_on_strided_tp_groups(graph):
 
 def _scalar(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1, scalar_all_reduce=True), dist.group.WORLD)
+    model = RefLlama(ModelConfig(layers=1, scalar_all_reduce=True), dist.group.WORLD)
     ids = _ids((5,))
     with torch.no_grad():
         rel = _rel(_compile(model)(ids), model(ids))
@@ -365,13 +365,13 @@ def test_14_scalar_all_reduce_is_skipped():
 
 def _after_release(rank, world):
     torch._dynamo.reset()
-    model = TPLlama(ModelConfig(layers=1), None)
+    model = RefLlama(ModelConfig(layers=1), None)
     ids = _ids((6,), rank)
     with torch.no_grad():
-        ref = TPLlama(ModelConfig(layers=1), None)(ids)
+        ref = RefLlama(ModelConfig(layers=1), None)(ids)
         compiled = _compile(model, lmhead_tp=2, mlp_tp=2, release_weights=True)
         rel = _rel(compiled(ids), ref)
-        again = _rel(compiled(_ids((9,), rank)), TPLlama(ModelConfig(layers=1), None)(_ids((9,), rank)))
+        again = _rel(compiled(_ids((9,), rank)), RefLlama(ModelConfig(layers=1), None)(_ids((9,), rank)))
     w = model.lm_head.weight
     errors = []
     for what in (model.state_dict, lambda: model.to(torch.bfloat16)):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
 
 Auto = Literal["auto"]
@@ -224,3 +224,35 @@ def _check_type(name: str, value: Any) -> None:
             raise ValueError(
                 f"TPConfig: inner must be one of {', '.join(INNER_COMPILERS)}, got {value!r}"
             )
+
+
+# -- hosts: where the backend runs --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where a compile runs, as an integration describes it: the config to use, and the
+    rewrites it cannot run there (rewrite name -> why; reported as the skip reason)."""
+
+    name: str
+    config: TPConfig
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+
+HostProvider = Callable[[Mapping[str, Any] | None], Host | None]
+_HOSTS: list[HostProvider] = []  # registered by integrations (the vLLM plugin)
+
+
+def register_host(provider: HostProvider) -> None:
+    """`provider(options)` returns a Host when its framework is running this compile, else
+    None. Idempotent. The core never imports an integration; integrations register here."""
+    if provider not in _HOSTS:
+        _HOSTS.append(provider)
+
+
+def resolve_host(options: Mapping[str, Any] | None = None) -> Host:
+    """The first registered host that claims this compile, else plain torch.compile."""
+    for provider in _HOSTS:
+        if (host := provider(options)) is not None:
+            return host
+    return Host("torch", TPConfig.resolve(options))

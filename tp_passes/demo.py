@@ -47,14 +47,14 @@ BACKEND_CASES = {
 
 def _compile_on_rank(rank: int, world: int, tokens: int, cases: dict) -> list[dict]:
     from tp_passes.backend import tp_passes_backend
-    from tp_passes.models import ModelConfig, TPLlama
+    from tp_passes.testing.models import ModelConfig, RefLlama
     from tp_passes.report import all_reports
 
     out = []
     ids = torch.randint(0, 96, (tokens,), generator=torch.Generator().manual_seed(0))
     for name, opts in cases.items():
         torch._dynamo.reset()
-        model = TPLlama(ModelConfig(layers=4, o_proj_bias=True), dist.group.WORLD)
+        model = RefLlama(ModelConfig(layers=4, o_proj_bias=True), dist.group.WORLD)
         with torch.no_grad():
             ref = model(ids)
             got = torch.compile(model, backend=tp_passes_backend, options=dict(opts, inner="eager"))(ids)
@@ -87,13 +87,13 @@ DP_CONFIG = dict(vocab=4000, hidden=256, heads=8, kv_heads=4, head_dim=32, inter
 
 
 def _module_tp_on_rank(rank: int, world: int, k: int, tokens: int) -> list[dict]:
-    from tp_passes.models import ModelConfig, TPLlama
+    from tp_passes.testing.models import ModelConfig, RefLlama
     from tp_passes.report import all_reports
 
     torch._dynamo.reset()
     cfg = ModelConfig(**DP_CONFIG)
     ids = torch.randint(0, cfg.vocab, (tokens,), generator=torch.Generator().manual_seed(rank))
-    model = TPLlama(cfg, None)  # pure DP: every rank holds every weight, serves its own ids
+    model = RefLlama(cfg, None)  # pure DP: every rank holds every weight, serves its own ids
     opts = {"inner": "eager", "oproj_tp": k, "embedding_tp": k, "lmhead_tp": k, "mlp_tp": k}
     with torch.no_grad():
         ref = model(ids)

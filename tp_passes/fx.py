@@ -70,7 +70,7 @@ def custom_op(namespace: str, name: str) -> Any:
     return getattr(ns, name).default if ns is not None and hasattr(ns, name) else None
 
 
-def _functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, fx.Node] | None:
+def functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, fx.Node] | None:
     """(input, result) of ``auto_functionalized[_v2](op, ..., arg=x)`` + ``getitem(., 1)``.
 
     Only the whole-tensor form: v2 with its base used as is (no view kwargs), v1 with the
@@ -95,13 +95,26 @@ def _functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, 
     return x, outs[0]
 
 
-def as_all_reduce(node: fx.Node) -> AllReduce | None:
-    """`node` as a sum all-reduce in one of the three dialects (DESIGN §5), else None.
+AllReduceRecognizer = Callable[[fx.Node], "AllReduce | None"]
+_DIALECTS: list[AllReduceRecognizer] = []  # added by integrations (tp_passes.vllm.dialect)
 
-    - plain PyTorch: ``_c10d_functional.all_reduce(x, "sum", g)`` + ``wait_tensor``
-    - vLLM custom op (CUDA, ROCm, XPU, NPU): ``vllm.all_reduce(x, group_name="tp:0")``
-    - vLLM on CPU: in-place ``_C.shm_allreduce(handle, x)``, functionalized by AOT into
-      ``auto_functionalized[_v2](_C.shm_allreduce, handle=h, ...)`` + ``getitem(., 1)``
+
+def register_all_reduce_dialect(recognize: AllReduceRecognizer) -> None:
+    """Teach `as_all_reduce` another all-reduce form; idempotent.
+
+    Integrations whose graphs spell all-reduces their own way (vLLM's custom ops) register
+    a recognizer here instead of the core importing them.
+    """
+    if recognize not in _DIALECTS:
+        _DIALECTS.append(recognize)
+
+
+def as_all_reduce(node: fx.Node) -> AllReduce | None:
+    """`node` as a sum all-reduce, else None.
+
+    Core form (plain PyTorch): ``_c10d_functional.all_reduce(x, "sum", g)`` + ``wait_tensor``;
+    the in-place ``dist.all_reduce(y)`` functionalizes to ``copy(y, wait(all_reduce(y)))``,
+    whose result is the copy. Other forms come from `register_all_reduce_dialect`.
     """
     if node.op != "call_function":
         return None
@@ -111,23 +124,13 @@ def as_all_reduce(node: fx.Node) -> AllReduce | None:
         if op != "sum" or len(waits) != 1 or len(node.users) != 1:
             return None
         result = waits[0]
-        # in-place dist.all_reduce(y): AOT writes the result back, copy(y, wait(all_reduce(y))),
-        # and y's later readers read the copy: it is the reduced value
         copies = [u for u in result.users if is_call(u, aten.copy.default) and u.args[0] is partial]
         if len(copies) == 1 and len(result.users) == 1:
             result = copies[0]
         return AllReduce(result, partial, str(group))
-    vllm_all_reduce = custom_op("vllm", "all_reduce")
-    if vllm_all_reduce is not None and node.target is vllm_all_reduce:
-        from tp_passes.vllm.dialect import torch_group_name
-
-        name = node.kwargs.get("group_name", node.args[1] if len(node.args) > 1 else None)
-        return AllReduce(node, node.args[0], torch_group_name(name), "vllm.all_reduce")
-    shm = custom_op("_C", "shm_allreduce")
-    if shm is not None and (found := _functionalized_inplace(node, shm, "data")) is not None:
-        from tp_passes.vllm.dialect import shm_group_name
-
-        return AllReduce(found[1], found[0], shm_group_name(node.kwargs["handle"]), "_C.shm_allreduce")
+    for recognize in _DIALECTS:
+        if (found := recognize(node)) is not None:
+            return found
     return None
 
 

@@ -38,6 +38,7 @@ class GraphReport:
     config: dict[str, Any] = field(default_factory=dict)  # the TPConfig this graph was rewritten with
     matmuls_before: int = 0  # mm/addmm/bmm nodes before and after: a rewrite never computes twice
     matmuls_after: int = 0
+    layout: str = ""  # the rank layout the plan ran on, and where it came from
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +50,7 @@ class GraphReport:
             "nodes": self.nodes,
             "matmuls": {"before": self.matmuls_before, "after": self.matmuls_after},
             "rewrite_ms": self.rewrite_ms,
+            "layout": self.layout,
             "config": self.config,
         }
 

@@ -162,6 +162,37 @@ def release(t: torch.Tensor, name: str, why: str, owner: Any, leaf: str) -> None
     leaves[leaf] = f"{name} ({why})"
 
 
+def release_unread(matches: list[Any], read: set[int],
+                   owner_of: dict[int, tuple[Any, str]]) -> None:
+    """Free the full weights the applied `matches` derived from, unless a graph still reads
+    them (`read`: ids) or no owning module is known to guard them (noted in the report)."""
+    for m in matches:
+        entry = m.entries[0] if m.entries else None
+        for d in m.derived:
+            if d.source is None or d.spec.kind == "sum" or entry is None:
+                continue
+            if id(d.source) in read:
+                entry.details.setdefault("kept_full_weights", []).append(d.name)
+            elif id(d.source) not in owner_of:  # no module to guard: never a silent empty tensor
+                entry.details.setdefault("kept_full_weights", []).append(
+                    f"{d.name} (owner not found)")
+            else:
+                release(d.source, d.name, f"{entry.rewrite} at {entry.module}",
+                        *owner_of[id(d.source)])
+
+
+def refuse_reading_released(inputs: list[Any], names: list[str], read: set[int]) -> None:
+    """Raise if a graph reads a released input (the released set and the plan are agreed
+    across ranks, so this raises on every rank)."""
+    bad = [n for n, t in zip(names, inputs) if is_released(t) and id(t) in read]
+    if bad:
+        raise RuntimeError(
+            f"tp_passes: the compiled graph reads {', '.join(bad)}, whose storage was freed "
+            "by release_weights=True in an earlier compile; compile with the same rewrites "
+            "(config) as that compile, or reload the model"
+        )
+
+
 def _refuse(module: Any, what: str) -> None:
     names = ", ".join(module.__dict__["_tp_passes_released_leaves"].values())
     raise RuntimeError(

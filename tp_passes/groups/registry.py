@@ -92,6 +92,32 @@ def agree_across_ranks(value: Any, what: str, payload: Any = None, group: Any = 
     return [p for _, p in gathered]
 
 
+def outside_compile(fn: Any, *args: Any) -> Any:
+    """Run compile-time collectives on a fresh thread.
+
+    Inside aot_autograd's compiler callback a gloo collective never completes (seen on
+    torch 2.13 CPU; the same call from Dynamo's backend or from another thread does), so
+    the thread-local state of the compile must not be inherited. Fake mode is thread
+    local too, so `fn` sees real tensors.
+    """
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["out"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="tp_passes-compile-collective")
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
+
+
 @dataclass
 class GroupRegistry:
     config: TPConfig
@@ -213,17 +239,48 @@ def registry_for(inferred: RankLayout) -> GroupRegistry:
     return _INFERRED[inferred]
 
 
-def module_tp_group(k: int, layout: RankLayout) -> NamedGroup:
-    """My module TP group of size k (chunks of k consecutive DP ranks)."""
+def _named(layout: RankLayout, name: str, rank_lists: Groups) -> NamedGroup:
+    """My group of partition `rank_lists`, registered as `name` in `layout`'s registry.
+
+    One name, one partition: `init_groups` made the explicit registry's names from its
+    config, so a compile that needs another partition under that name is an error (the
+    same on every rank). In a registry of an inferred layout the newest compile's
+    partition takes the name (groups stay cached by rank list).
+    """
     reg = registry_for(layout)
-    return ensure_partition(reg, f"module_tp_{k}", reg.layout.module_tp_groups(k))
+    partition = tuple(tuple(sorted(g)) for g in rank_lists)
+    known = reg.partitions.get(name, partition)
+    if known != partition:
+        if reg is _REGISTRY:
+            raise ValueError(
+                f"tp_passes: group {name!r} was made by init_groups as {[list(g) for g in known]} "
+                f"but this compile needs {[list(g) for g in partition]}; pass init_groups the "
+                "config you compile with"
+            )
+        del reg.groups[name]
+    reg.partitions[name] = partition
+    return ensure_partition(reg, name, rank_lists)
+
+
+def module_tp_group(name: str, k: int, layout: RankLayout) -> NamedGroup:
+    """My module TP group `name` ("otp", "embedtp", ...) of size k: chunks of k
+    consecutive DP ranks."""
+    return _named(layout, name, registry_for(layout).layout.module_tp_groups(k))
 
 
 def flashcomm2_groups(layout: RankLayout, m: int) -> tuple[NamedGroup, NamedGroup]:
-    """My (OTP, ODP) groups for flashcomm2=m inside my TP group of `layout`."""
-    reg = registry_for(layout)
-    otp_lists, odp_lists = reg.layout.flashcomm2_groups(m)
-    return ensure_partition(reg, f"fc2_otp_{m}", otp_lists), ensure_partition(reg, f"fc2_odp_{m}", odp_lists)
+    """My ("fc2_otp", "fc2_odp") groups for flashcomm2=m inside my TP group of `layout`."""
+    otp_lists, odp_lists = registry_for(layout).layout.flashcomm2_groups(m)
+    return _named(layout, "fc2_otp", otp_lists), _named(layout, "fc2_odp", odp_lists)
+
+
+def describe_layout(layout: RankLayout | None, why: str) -> str:
+    """The layout a compile's plan uses, and where it comes from, for the report."""
+    if layout is None:
+        return f"none: {why}"
+    if _REGISTRY is not None:
+        return f"{_REGISTRY.layout} (from init_groups)"
+    return f"{layout} (inferred from the model's TP groups; init_groups was not called)"
 
 
 def _world_backend() -> str:

@@ -1,25 +1,50 @@
-"""Fine-grained module TP across data-parallel ranks: which modules, and their groups.
+"""Fine-grained module TP across data-parallel ranks: o_proj, embedding, lm_head, MLP.
+
+Before (pure DP, per rank; W replicated)::
+
+    y = mm(x, t(W_o))                 e = embedding(W_e, ids)        l = mm(h, t(W_lm))
+
+After (W_j = this rank's shard, bound as an extra graph input)::
+
+    y = reduce_scatter(mm(all_to_all(cols(x)), t(W_o_j)))            # comm.oproj_dp
+    e = reduce_scatter(masked_embedding(W_e_j, all_gather(ids)))     # comm.embedding_dp
+    l = all_to_all(mm(all_gather(h), t(W_lm_j)))[:, :V]              # comm.lmhead_dp
+    m = reduce_scatter(mm(act(mm(all_gather(x), gate_j)) * mm(.., up_j), down_j))  # comm.mlp_dp
 
 Selection is by module path, with the names users expect (overridable through
-`TPConfig.module_names`); draft and vision modules are never selected unless asked.
-The graph path is below; the eager path (`tp_passes.eager`) applies the same `comm`
-functions to modules.
+`TPConfig.module_names`); draft and vision modules are never selected unless asked. The
+graph path needs the same token count on every rank of a group (vLLM pads DP batches in
+graph mode); with strict=True the runtime wrapper checks it every call. The eager path
+(`parallelize_modules`) traces each selected module, runs the same finder and splices
+the same replacement, so both paths compute the same numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.fx as fx
+import torch.nn as nn
+from torch._guards import detect_fake_mode
 
-from tp_passes.fx import aten, is_call, through_views, untransposed, val
+from tp_passes import comm, weights, wire
+from tp_passes.fx import aten, is_call, reduced_matmuls, splice, through_views, untransposed, val
+from tp_passes.groups.registry import NamedGroup, module_tp_group
+from tp_passes.patterns.base import GraphContext, Match, Rewrite, weight_bytes
+from tp_passes.report import Entry
 
 O_PROJ = ("o_proj", "out_proj", "wo", "attention.dense")
 EMBEDDING = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings")
 LM_HEAD = ("lm_head", "output", "embed_out")
-MLP_PAIRS = (("gate_up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+MLP_PAIRS = (("gate_up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"),
+             ("w1", "w3", "w2"))
 EXCLUDED = ("mtp", "vision", "visual")
+DEFAULT_NAMES = {"oproj_tp": O_PROJ, "embedding_tp": EMBEDDING, "lmhead_tp": LM_HEAD,
+                 "mlp_tp": ()}
 
 
 def excluded(path: str, include_draft_and_vision: bool = False) -> bool:
@@ -27,16 +52,12 @@ def excluded(path: str, include_draft_and_vision: bool = False) -> bool:
     return not include_draft_and_vision and any(p in EXCLUDED for p in path.split("."))
 
 
-def matches(path: str, names: tuple[str, ...], include_draft_and_vision: bool = False) -> bool:
-    return not excluded(path, include_draft_and_vision) and any(
+def selects(config: Any, kind: str, path: str) -> bool:
+    """Does `config` select module `path` for `kind` (a module TP config field)?"""
+    names = config.names_for(kind, DEFAULT_NAMES[kind])
+    return not excluded(path, config.include_draft_and_vision) and any(
         path == n or path.endswith("." + n) for n in names
     )
-
-
-def selects(config: Any, kind: str, path: str) -> bool:
-    """Does `config` select module `path` for rewrite `kind`?"""
-    defaults = {"oproj_tp": O_PROJ, "embedding_tp": EMBEDDING, "lmhead_tp": LM_HEAD, "mlp_tp": ()}
-    return matches(path, config.names_for(kind, defaults[kind]), config.include_draft_and_vision)
 
 
 def mlp_names(module: Any) -> tuple[str, ...] | None:
@@ -45,23 +66,6 @@ def mlp_names(module: Any) -> tuple[str, ...] | None:
         if all(hasattr(module, n) for n in names):
             return names
     return None
-
-
-# -- graph path ------------------------------------------------------------------------------
-#
-# Before (pure DP, per rank; W replicated)::
-#
-#     y = mm(x, t(W_o))                 e = embedding(W_e, ids)        l = mm(h, t(W_lm))
-#
-# After (W_j = this rank's shard, bound as an extra graph input)::
-#
-#     y = reduce_scatter(mm(all_to_all(cols(x)), t(W_o_j)))            # comm.oproj_dp
-#     e = reduce_scatter(masked_embedding(W_e_j, all_gather(ids)))     # comm.embedding_dp
-#     l = all_to_all(mm(all_gather(h), t(W_lm_j)))[:, :V]              # comm.lmhead_dp
-#     m = reduce_scatter(mm(act(mm(all_gather(x), gate_j)) * mm(.., up_j), down_j))  # comm.mlp_dp
-#
-# The graph path needs the same token count on every rank of a group (vLLM pads DP
-# batches in graph mode); with strict=True the runtime wrapper checks it every call.
 
 
 MLP_REGION_OPS = {
@@ -74,42 +78,28 @@ ACTIVATIONS = {aten.silu.default: "silu", aten.gelu.default: "gelu"}
 
 
 @dataclass
-class ModuleMatch:
-    """One module the configured module TP rewrite found, as every rank must agree on it.
+class ModuleMatch(Match):
+    """One module a module TP rewrite found.
 
     `has_bias` is this rank's own fact: vLLM adds a row-parallel bias on TP rank 0 only,
     so it is exchanged across ranks and `decide` turns "any rank has one" into the same
     skip reason everywhere.
     """
 
-    kind: str  # "oproj_tp" | "embedding_tp" | "lmhead_tp" | "mlp_tp"
-    module: str
-    k: int
-    out: fx.Node  # node whose value the rewrite replaces
-    x: fx.Node  # activation (2-D) or ids
-    weights: list[fx.Node]  # placeholders, in the order the replacement takes them
+    out: fx.Node | None = None  # node whose value the rewrite replaces
+    x: fx.Node | None = None  # activation (2-D) or ids
+    weights: list[fx.Node] = field(default_factory=list)  # in the replacement's order
     bias: fx.Node | None = None
-    reason: str = ""  # non-empty: matched but skipped
     has_bias: bool = False
     act: str = "silu"  # mlp_tp: the activation between the projections
+    group: NamedGroup | None = None  # made by `plan_weights`
 
     def invariant(self) -> tuple:
-        return (self.kind, self.module, self.k, [str(val(w).shape) for w in self.weights], self.reason, self.act)
+        shapes = [str(val(w).shape) for w in self.weights]
+        return (*super().invariant(), shapes, self.act)
 
-    def decide(self, any_rank_has_bias: bool, layout: Any, no_layout: str) -> None:
-        """The skip reasons that depend on every rank's facts (the same on every rank): a
-        bias on any rank, and the layout the model's TP groups imply (None: `no_layout`)."""
-        if self.reason:
-            return
-        if any_rank_has_bias and self.kind == "lmhead_tp":
-            self.reason = "lm_head with bias is not supported"
-        elif any_rank_has_bias and self.kind == "mlp_tp":
-            self.reason = "MLP with biases is not supported"
-        elif layout is None:
-            self.reason = f"no rank layout for module TP: {no_layout}"
-        elif layout.dp % self.k:
-            self.reason = (f"{self.kind}={self.k} does not divide the data-parallel size dp={layout.dp} "
-                           f"(world {layout.world_size} / tp {layout.tp})")
+    def local(self) -> bool:
+        return self.has_bias
 
 
 def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
@@ -126,51 +116,194 @@ def _linear_users(w: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
     return out
 
 
-def find_module_matches(gm: fx.GraphModule, input_names: list[str], config: Any,
-                        reduced: set[fx.Node]) -> list[ModuleMatch]:
-    """Module TP matches; `reduced` holds the matmul nodes that feed a TP all-reduce.
+def _weights_by_path(gm: fx.GraphModule, input_names: list[str]) -> dict[str, fx.Node]:
+    phs = list(gm.graph.find_nodes(op="placeholder"))
+    return {input_names[i]: p for i, p in enumerate(phs) if i < len(input_names)}
 
-    The one decision function for both paths: the eager path runs it on a module traced
-    with make_fx (`tp_passes.eager`).
-    """
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    by_path = {input_names[i]: p for i, p in enumerate(placeholders) if i < len(input_names)}
-    sizes = {k: getattr(config, k) for k in ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp")}
-    matches_: list[ModuleMatch] = []
-    for path, w in by_path.items():
-        module, _, leaf = path.rpartition(".")
-        if leaf != "weight":
-            continue
-        if sizes["oproj_tp"] and selects(config, "oproj_tp", module):
+
+class ModuleTP(Rewrite):
+    """Shared steps of the four module TP rewrites; subclasses find and replace."""
+
+    group = ""  # registry group name
+    bias_reason = ""  # non-empty: a bias on any rank skips the match with this reason
+    stage = "module_tp"
+
+    def size(self, config: Any) -> int:
+        return getattr(config, self.name)
+
+    def find(self, cx: GraphContext) -> list[Match]:
+        if not self.size(cx.config):
+            return []
+        return self.matches(_weights_by_path(cx.gm, cx.input_names), cx.config,
+                            reduced_matmuls(cx.graph))
+
+    def matches(self, by_path: dict[str, fx.Node], config: Any,
+                reduced: set[fx.Node]) -> list[ModuleMatch]:
+        """Matches among the weights `by_path`; `reduced`: matmuls feeding a TP all-reduce."""
+        raise NotImplementedError
+
+    def shard_specs(self, m: ModuleMatch) -> list[tuple[str, int]]:
+        """(WeightSpec kind, dim) of each weight of a match, in replacement order."""
+        raise NotImplementedError
+
+    def forward(self, m: ModuleMatch, g: str, k: int, j: int, rows: int) -> Any:
+        """The `comm` function replacing `m`: (x, *shards[, bias]) -> output. `rows` is the
+        first dim of the full first weight (the vocab, for lm_head)."""
+        raise NotImplementedError
+
+    def _linear(self, by_path: dict[str, fx.Node], config: Any, reduced: set[fx.Node],
+                what: str, tied: bool = False) -> list[ModuleMatch]:
+        out = []
+        for path, w in by_path.items():
+            module, _, leaf = path.rpartition(".")
+            is_tied = tied and selects(config, "embedding_tp", module)
+            if leaf != "weight" or not (selects(config, self.name, module) or is_tied):
+                continue
             for mm, x, b in _linear_users(w):
-                m = ModuleMatch("oproj_tp", module, sizes["oproj_tp"], mm, x, [w], b, has_bias=b is not None)
+                name = f"{module} (tied lm_head)" if is_tied else module
+                m = ModuleMatch(name, self.size(config), out=mm, x=x, weights=[w], bias=b,
+                                has_bias=b is not None)
                 if mm in reduced:
-                    m.reason = "o_proj is already tensor-parallel (an all-reduce follows it)"
-                matches_.append(m)
-        tied = selects(config, "embedding_tp", module)  # a tied lm_head reads the embedding's input
-        if sizes["lmhead_tp"] and (selects(config, "lmhead_tp", module) or tied):
-            for mm, x, b in _linear_users(w):
-                name = f"{module} (tied lm_head)" if tied else module
-                m = ModuleMatch("lmhead_tp", name, sizes["lmhead_tp"], mm, x, [w], b, has_bias=b is not None)
-                if mm in reduced:
-                    m.reason = "lm_head is already tensor-parallel (an all-reduce follows it)"
-                matches_.append(m)
-        if sizes["embedding_tp"] and selects(config, "embedding_tp", module):
+                    m.reason = f"{what} is already tensor-parallel (an all-reduce follows it)"
+                out.append(m)
+        return out
+
+    def decide(self, m: ModuleMatch, facts: list[bool], cx: GraphContext) -> None:
+        layout, k = cx.layout, m.size
+        if m.reason:
+            pass
+        elif any(facts) and self.bias_reason:
+            m.reason = self.bias_reason
+        elif layout is None:
+            m.reason = f"no rank layout for module TP: {cx.layout_reason}"
+        elif layout.dp % k:
+            m.reason = (f"{self.name}={k} does not divide the data-parallel size "
+                        f"dp={layout.dp} (world {layout.world_size} / tp {layout.tp})")
+        m.apply = not m.reason
+        why = m.reason or ("needs equal token counts across the group "
+                           "(checked per call with strict=True)")
+        m.entries.append(Entry(self.name, m.module, m.apply, why, k, blocked=not m.apply))
+        if m.apply:
+            cx.taken.add(m.out)
+
+    def plan_weights(self, m: ModuleMatch, cx: GraphContext) -> None:
+        m.group = module_tp_group(self.group, m.size, cx.layout)
+        reals = [cx.real(w) for w in m.weights]
+        names = [cx.name(w) for w in m.weights]
+        m.derived = [weights.Derived(n, weights.WeightSpec(kind, dim, m.group.pg), t, t)
+                     for n, t, (kind, dim) in zip(names, reals, self.shard_specs(m))]
+
+    def replace(self, m: ModuleMatch, cx: GraphContext) -> None:
+        g, k, j = m.group.group_name, m.size, dist.get_rank(m.group.pg)
+        nodes = [cx.bind(d) for d in m.derived]
+        args = [m.x, *nodes] + ([m.bias] if m.bias is not None else [])
+        out = splice(cx.graph, self.forward(m, g, k, j, val(m.weights[0]).shape[0]), args,
+                     m.out, cx.fake_mode, cx.decompositions)
+        m.out.replace_all_uses_with(out)
+        for s in cx.sites:  # an all-reduce of this output (TP x DP) now reduces the new value
+            if s.ar.partial is m.out:
+                s.ar.partial = out
+        cx.checked_groups[g] = m.group.pg
+        m.entries[0].details.update(
+            weights=[d.name for d in m.derived],
+            weight_bytes_before=weight_bytes([d.source for d in m.derived]),
+            weight_bytes_after=weight_bytes([d.value for d in m.derived]),
+            wire_bytes_per_step=wire.total(wire.collective_bytes(out.meta["tp_passes_inserted"])),
+        )
+
+
+class OProjTP(ModuleTP):
+    name, group = "oproj_tp", "otp"
+
+    def matches(self, by_path, config, reduced):
+        return self._linear(by_path, config, reduced, "o_proj")
+
+    def shard_specs(self, m):
+        return [("shard", 1)]  # input columns
+
+    def forward(self, m, g, k, j, rows):
+        def oproj(x, w, b=None):
+            y = comm.oproj_dp(x, w, g, k)
+            return y if b is None else y + b
+        return oproj
+
+
+class EmbeddingTP(ModuleTP):
+    name, group = "embedding_tp", "embedtp"
+
+    def matches(self, by_path, config, reduced):
+        out = []
+        for path, w in by_path.items():
+            module, _, leaf = path.rpartition(".")
+            if leaf != "weight" or not selects(config, self.name, module):
+                continue
             for e in w.users:
                 if is_call(e, aten.embedding.default) and e.args[0] is w and len(e.args) == 2:
-                    matches_.append(ModuleMatch("embedding_tp", module, sizes["embedding_tp"], e, e.args[1], [w]))
-        parent, _, child = module.rpartition(".")
-        names_ok = not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", parent)
-        if sizes["mlp_tp"] and names_ok and not excluded(module, config.include_draft_and_vision):
+                    out.append(ModuleMatch(module, self.size(config), out=e, x=e.args[1],
+                                           weights=[w]))
+        return out
+
+    def shard_specs(self, m):
+        return [("shard", 0)]  # vocab rows
+
+    def forward(self, m, g, k, j, rows):
+        def embedding(ids, w):
+            return comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)
+        return embedding
+
+
+class LMHeadTP(ModuleTP):
+    name, group = "lmhead_tp", "lmheadtp"
+    bias_reason = "lm_head with bias is not supported"
+
+    def matches(self, by_path, config, reduced):
+        # a tied lm_head reads the embedding's weight: selected through the embedding's name
+        return self._linear(by_path, config, reduced, "lm_head", tied=True)
+
+    def shard_specs(self, m):
+        return [("shard", 0)]  # vocab rows
+
+    def forward(self, m, g, k, j, rows):
+        def lmhead(h, w):
+            return comm.lmhead_dp(h, w, g, k, rows)
+        return lmhead
+
+
+class MLPTP(ModuleTP):
+    name, group = "mlp_tp", "mlptp"
+    bias_reason = "MLP with biases is not supported"
+
+    def matches(self, by_path, config, reduced):
+        out = []
+        names_ok = not config.names_for(self.name, ())
+        for path in by_path:
+            module, _, leaf = path.rpartition(".")
+            parent, _, child = module.rpartition(".")
+            if leaf != "weight" or excluded(module, config.include_draft_and_vision):
+                continue
+            if not (names_ok or selects(config, self.name, parent)):
+                continue
             for names in MLP_PAIRS:
-                if child != names[0]:
-                    continue
                 ws = [by_path.get(f"{parent}.{n}.weight") for n in names]
-                if all(x is not None for x in ws):
-                    m = _match_mlp(parent, ws[:-1], ws[-1], sizes["mlp_tp"])
-                    if m is not None:
-                        matches_.append(m)
-    return matches_
+                if child == names[0] and all(w is not None for w in ws):
+                    m = _match_mlp(parent, ws[:-1], ws[-1], self.size(config))
+                    out += [m] if m is not None else []
+        return out
+
+    def shard_specs(self, m):
+        if len(m.weights) == 2:  # merged gate_up (each half sharded), down by columns
+            return [("shard_halves", 0), ("shard", 1)]
+        return [("shard", 0), ("shard", 0), ("shard", 1)]
+
+    def forward(self, m, g, k, j, rows):
+        if len(m.weights) == 2:  # merged gate_up, sharded half by half
+            def merged(x, gu, d):
+                return comm.mlp_dp(x, *gu.chunk(2), d, g, k, m.act)
+            return merged
+
+        def mlp(x, gate, up, d):
+            return comm.mlp_dp(x, gate, up, d, g, k, m.act)
+        return mlp
 
 
 def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> ModuleMatch | None:
@@ -182,7 +315,8 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
     mm_ups = [u[0][0] for u in ups]
     x, b_up = ups[0][0][1], any(u[0][2] is not None for u in ups)
     (mm_down, h, b_down) = downs[0]
-    m = ModuleMatch("mlp_tp", parent, k, mm_down, x, [*up_ws, down], has_bias=b_up or b_down is not None)
+    m = ModuleMatch(parent, k, out=mm_down, x=x, weights=[*up_ws, down],
+                    has_bias=b_up or b_down is not None)
     if any(through_views(u[0][1]) is not through_views(x) for u in ups):
         m.reason = "gate and up projections read different inputs"
         return m
@@ -193,7 +327,9 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
         for u in n.users:
             if u is mm_down:
                 continue
-            if u.op != "call_function" or (u.target not in MLP_REGION_OPS and u.target.__name__ != "getitem"):
+            if u.op != "call_function" or (
+                u.target not in MLP_REGION_OPS and u.target.__name__ != "getitem"
+            ):
                 m.reason = f"op {u.target} between the up and down projections is not a gated MLP"
                 return m
             if u not in region:
@@ -201,7 +337,8 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
                 frontier.append(u)
     acts = {ACTIVATIONS[n.target] + _gelu_form(n) for n in region if n.target in ACTIVATIONS}
     if through_views(h) not in region or len(acts) != 1:
-        m.reason = f"up and down projections are not one gated MLP (activations found: {sorted(acts)})"
+        m.reason = ("up and down projections are not one gated MLP "
+                    f"(activations found: {sorted(acts)})")
     else:
         m.act = acts.pop()
     return m
@@ -212,33 +349,138 @@ def _gelu_form(node: fx.Node) -> str:
     return "_tanh" if node.target is aten.gelu.default and approximate == "tanh" else ""
 
 
-def shard_specs(kind: str, n_weights: int) -> list[tuple[str, int]]:
-    """(WeightSpec kind, dim) of each weight of a match, in replacement order."""
-    if kind == "oproj_tp":
-        return [("shard", 1)]  # input columns
-    if kind in ("embedding_tp", "lmhead_tp"):
-        return [("shard", 0)]  # vocab rows
-    if n_weights == 2:  # merged gate_up (each half sharded), down by columns
-        return [("shard_halves", 0), ("shard", 1)]
-    return [("shard", 0), ("shard", 0), ("shard", 1)]
+# -- eager twin -------------------------------------------------------------------------------
+#
+# The graph path's own code, run on each selected module: the module is traced with make_fx
+# (symbolic token count), the same finder decides, and the same replacement is spliced into
+# the module's graph, which becomes the module's forward. So the module's own work around
+# the match (a vocab-parallel embedding's masking, a TP all-reduce after down_proj) stays.
+# After the rewrite the module's parameters *are* the shards (as torch's parallelize_module
+# or vLLM's layers hold them); the forward reads them from the module on every call, so
+# `state_dict()`, `.to()` and weight loading see the truth.
 
 
-def module_tp_forward(m: ModuleMatch, g: str, k: int, j: int, rows: int) -> Any:
-    """The `comm` function that replaces match `m`: (x, *shards[, bias]) -> output.
+@dataclass
+class ModuleCandidate:
+    """A module the config selects for module TP, traced, and what the finder made of it."""
 
-    `rows` is the first dim of the full first weight (the vocab, for lm_head).
-    """
-    from tp_passes import comm
+    path: str
+    module: nn.Module
+    rewrite: ModuleTP
+    cx: GraphContext  # module(x) traced: inputs (*parameters, x)
+    all_leaves: list[str]  # the module's parameters, in input order
+    match: ModuleMatch
+    leaves: list[str] = field(default_factory=list)  # the match's weights, replacement order
 
-    if m.kind == "oproj_tp":
-        def oproj(x, w, b=None):
-            y = comm.oproj_dp(x, w, g, k)
-            return y if b is None else y + b
-        return oproj
-    if m.kind == "embedding_tp":
-        return lambda ids, w: comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)
-    if m.kind == "lmhead_tp":
-        return lambda h, w: comm.lmhead_dp(h, w, g, k, rows)
-    if len(m.weights) == 2:  # merged gate_up, sharded half by half
-        return lambda x, gu, d: comm.mlp_dp(x, *gu.chunk(2), d, g, k, m.act)
-    return lambda x, gate, up, d: comm.mlp_dp(x, gate, up, d, g, k, m.act)
+    def invariant(self) -> tuple:
+        return (self.path, self.rewrite.name, self.match.invariant())
+
+
+def _trace(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list[str]]:
+    """make_fx of module(x), token count symbolic, inputs (*parameters, x) positional."""
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    named = list(module.named_parameters(remove_duplicate=False))
+    leaves = [n for n, _ in named]
+
+    def call(*flat: torch.Tensor) -> torch.Tensor:
+        out = functional_call(module, dict(zip(leaves, flat[:-1])), (flat[-1],))
+        return out[0] if isinstance(out, tuple) else out
+
+    gm = make_fx(call, tracing_mode="symbolic")(*[p.detach() for _, p in named], x)
+    gm.graph._codegen = fx.graph.CodeGen()  # positional inputs: shard inputs get appended
+    gm.recompile()
+    return gm, leaves
+
+
+def find_module_candidates(model: nn.Module, config: Any,
+                           rewrites: list[ModuleTP]) -> list[ModuleCandidate]:
+    """Every module a module TP rewrite selects and its finder accepts (no collective)."""
+    out = []
+    for path, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        chosen = [r for r in rewrites if r.size(config) and isinstance(w, torch.Tensor)
+                  and not isinstance(r, MLPTP) and selects(config, r.name, path)]
+        names = mlp_names(module) if config.mlp_tp else None
+        if names and not excluded(path, config.include_draft_and_vision) and (
+            not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path)
+        ):
+            chosen += [r for r in rewrites if isinstance(r, MLPTP)]
+            w = getattr(module, names[0]).weight
+        if not chosen:
+            continue
+        rewrite = chosen[0]
+        embedding = isinstance(rewrite, EmbeddingTP)
+        x = torch.zeros(3, dtype=torch.int64) if embedding else torch.zeros(3, w.shape[1], dtype=w.dtype)
+        gm, leaves = _trace(module, x)
+        names_in = [f"{path}.{n}" for n in leaves] + ["x"]
+        found = rewrite.matches(_weights_by_path(gm, names_in), config, reduced_matmuls(gm.graph))
+        if len(found) != 1:  # as the graph path: a module without the pattern is no match
+            continue
+        fake_mode = detect_fake_mode([p.meta["val"] for p in gm.graph.find_nodes(op="placeholder")])
+        cx = GraphContext(gm, config, [], names_in, fake_mode)
+        c = ModuleCandidate(path, module, rewrite, cx, leaves, found[0])
+        if any(str(n.target).startswith("c10d.") for n in gm.graph.nodes if n.op == "call_function"):
+            # make_fx keeps dist.all_reduce as c10d.allreduce_ without its wait: the traced
+            # graph would read the result before the collective completes
+            c.match.reason = c.match.reason or (
+                "eager: the module issues an in-place collective (dist.all_reduce), which its "
+                "traced graph cannot run in order; the graph path (torch.compile) rewrites it")
+        leaf_of = dict(zip(gm.graph.find_nodes(op="placeholder"), leaves))
+        c.leaves = [leaf_of[w] for w in c.match.weights]
+        out.append(c)
+    return out
+
+
+def parallelize_modules(cands: list[ModuleCandidate]) -> list[Entry]:
+    """Shard the decided candidates' modules: parameters become the shards (tied ones once),
+    forwards run the spliced graphs. Collective: groups and shards, in candidate order."""
+    todo = [c for c in cands if c.match.apply]
+    for c in todo:  # groups first, in agreed order, then one `materialize` for all shards
+        c.match.group = module_tp_group(c.rewrite.group, c.match.size, c.cx.layout)
+        full = [c.module.get_parameter(leaf) for leaf in c.leaves]
+        c.match.derived = [
+            weights.Derived(f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, c.match.group.pg), w, w)
+            for leaf, w, (kind, dim) in zip(c.leaves, full, c.rewrite.shard_specs(c.match))
+        ]
+    weights.materialize([d for c in todo for d in c.match.derived])
+    shards: dict[tuple, nn.Parameter] = {}  # (id(full), spec key) -> shard: tied share one
+    entries = []
+    for c in todo:
+        before = after = 0
+        for leaf, d in zip(c.leaves, c.match.derived):
+            key = (id(d.source), d.spec.key())
+            if key not in shards:
+                shards[key] = nn.Parameter(d.value, requires_grad=False)
+                after += weight_bytes([d.value])
+            before += weight_bytes([d.source])
+            owner, _, name = leaf.rpartition(".")
+            setattr(c.module.get_submodule(owner) if owner else c.module, name, shards[key])
+        _splice_into_module(c)
+        entries.append(Entry(c.rewrite.name, c.path, True, "", c.match.size,
+                             {"weight_bytes_before": before, "weight_bytes_after": after}))
+    return entries
+
+
+def _splice_into_module(c: ModuleCandidate) -> None:
+    """Splice the match's replacement into the module's graph; it becomes the forward."""
+    m, gm, g, k = c.match, c.cx.gm, c.match.group.group_name, c.match.size
+    c.cx.derived = []
+    c.rewrite.replace(m, c.cx)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    module, embedding = c.module, isinstance(c.rewrite, EmbeddingTP)
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        params = [module.get_parameter(n) for n in c.all_leaves]
+        shards = [module.get_parameter(n) for n in c.leaves]
+        flat = x.reshape(-1, 1) if embedding else x.reshape(-1, x.shape[-1])
+        padded, t_max = comm.pad_to_group_max(flat, g, k)  # ranks may bring different T
+        if t_max < 2:  # the graph was traced for a symbolic T >= 2 (torch specializes 0, 1)
+            padded = torch.nn.functional.pad(padded, (0, 0, 0, 2 - padded.shape[0]))
+        y = gm(*params, padded.reshape(-1) if embedding else padded, *shards)
+        y = y[0] if isinstance(y, (list, tuple)) else y
+        return y[: flat.shape[0]].reshape(*(x.shape if embedding else x.shape[:-1]), y.shape[-1])
+
+    module.forward = types.MethodType(forward, module)

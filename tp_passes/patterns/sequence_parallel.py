@@ -17,7 +17,7 @@ After::
     q   = mm(n, t(w_q))
 
 How: every rewritten all-reduce becomes a *token-sharded value* (a producer: plain
-reduce-scatter, fused mm + reduce-scatter, or FlashComm2). `TokenSharding` then walks the
+reduce-scatter, fused mm + reduce-scatter (`SequenceParallel.replace`), or FlashComm2). `TokenSharding` then walks the
 graph in order and pushes the sharding through row-wise ops (elementwise ops, reductions
 over the last dim, views that keep the last dim); a replicated operand with the same
 tokens is sliced to the local rows, one broadcast over tokens is used as is. The first op
@@ -30,16 +30,21 @@ Padding rows (T not divisible by n) stay confined to their rows and are sliced o
 from __future__ import annotations
 
 import math
+import types
 import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tp_passes import comm
-from tp_passes.fx import VIEW_OPS, c10d, is_call, splice, val
+from tp_passes.fx import VIEW_OPS, Matmul, c10d, is_call, splice, val
+from tp_passes.lowering import mm_reduce_scatter_impl
+from tp_passes.patterns.base import GraphContext, Match, Rewrite, Site, SiteMatch
+from tp_passes.report import Entry
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -76,12 +81,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class TokenSharding:
-    def __init__(self, gm: fx.GraphModule, fake_mode: Any, decompositions: dict | None = None) -> None:
-        self.gm, self.graph, self.fake_mode = gm, gm.graph, fake_mode
-        self.decompositions = decompositions
+    """The token-sharded values of one graph: producers add them, `run` propagates."""
+
+    def __init__(self, cx: GraphContext) -> None:
+        self.gm, self.graph, self.fake_mode = cx.gm, cx.graph, cx.fake_mode
+        self.decompositions = cx.decompositions
         self.sharded: dict[fx.Node, Sharded] = {}
         self._full: dict[fx.Node, fx.Node] = {}
         self._gathered: dict[fx.Node, fx.Node] = {}
+
+    @classmethod
+    def of(cls, cx: GraphContext) -> TokenSharding:
+        """The graph's one TokenSharding, shared by every producer."""
+        if "token_sharding" not in cx.shared:
+            cx.shared["token_sharding"] = cls(cx)
+        return cx.shared["token_sharding"]
 
     # -- emission ---------------------------------------------------------------------
     def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
@@ -109,6 +123,13 @@ class TokenSharding:
 
     def splice(self, fn: Any, args: list, before: fx.Node) -> fx.Node:
         return splice(self.graph, fn, args, before, self.fake_mode, self.decompositions)
+
+    def output_shape(self, site: Site, mm: Matmul, rows: Any) -> list[Any]:
+        """The full shape of the site's reduced value, given the matmul's rows."""
+        partial = site.ar.partial
+        if partial is not mm.mm:
+            return list(partial.args[1])  # the view back to [B, S, H]
+        return [rows, val(partial).shape[-1]]
 
     # -- producers register here ------------------------------------------------------
     def add(self, original: fx.Node, value: Sharded) -> None:
@@ -228,3 +249,107 @@ class TokenSharding:
 
 class _NotRowWise(Exception):
     pass
+
+
+class SequenceParallel(Rewrite):
+    """Every all-reduce no earlier rewrite took becomes reduce_scatter (fused with its
+    matmul where the device has a kernel), and `finish` keeps the residual stream
+    token-sharded (with sequence_parallel on) or gathers right away."""
+
+    name = "sequence_parallel"
+    stage = "reduce_scatter"
+
+    def find(self, cx: GraphContext) -> list[Match]:
+        return [SiteMatch(s.module, s.n, site=s) for s in cx.sites]
+
+    def decide(self, m: SiteMatch, facts: list[bool], cx: GraphContext) -> None:
+        cfg, site = cx.config, m.site
+        m.any_bias = any(facts)
+        if site.ar.result in cx.taken:  # an earlier rewrite (FlashComm2) produces it
+            return
+        sp_on = cfg.sequence_parallel in (True, "auto")
+        fuse_on = cfg.fuse_mm_reduce_scatter in (True, "auto")
+        mm = cx.matmul(site)
+
+        def entry(rewrite: str, ok: bool, why: str = "") -> None:
+            m.entries.append(Entry(rewrite, m.module, ok, why, m.size,
+                                   {"dialect": site.ar.dialect}))
+
+        if site.n == 1 or site.reason:
+            entry(self.name, False, site.reason or "all-reduce over a group of size 1")
+        elif sp_on or (cfg.fuse_mm_reduce_scatter is True and mm is not None):
+            m.apply, m.fuse = True, fuse_on and mm is not None
+            cx.taken.add(site.ar.result)
+            if sp_on:
+                entry(self.name, True)
+            if mm is not None:
+                entry("mm_reduce_scatter", fuse_on, "" if fuse_on else "fuse_mm_reduce_scatter=False")
+        else:
+            entry(self.name, False, "sequence_parallel=False")
+
+    def replace(self, m: SiteMatch, cx: GraphContext) -> None:
+        site, mm = m.site, cx.matmul(m.site)
+        g, n = site.ar.group_name, site.n
+        sharding = TokenSharding.of(cx)
+        before = site.ar.result
+        with cx.graph.inserting_before(before):
+            if mm is not None:
+                rows = sharding.size(mm.x, 0)
+                shape = sharding.output_shape(site, mm, rows)
+                if m.fuse and not m.any_bias:
+                    fn, how = mm_reduce_scatter_impl(val(mm.x).device.type, n, g)
+                    twin = sharding.splice(lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before)
+                else:
+                    how = ("decomposed mm + reduce_scatter (bias before the reduce)"
+                           if m.any_bias else "unfused")
+                    twin = sharding.splice(lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm],
+                                           before)
+                for e in m.entries:
+                    if e.rewrite == "mm_reduce_scatter":
+                        e.details["lowering"] = how
+            else:
+                partial = site.ar.partial
+                rows = sharding.rows_of(partial)
+                shape = sharding.shape_of(partial)
+                twin = sharding.splice(
+                    lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n),
+                    [partial], before)
+        sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
+
+    def finish(self, cx: GraphContext, matches: list[SiteMatch]) -> str | None:
+        sp = cx.config.sequence_parallel in (True, "auto")
+        n_sharded = TokenSharding.of(cx).run(propagate=sp)
+        for e in (e for m in matches for e in m.entries):
+            if e.rewrite == self.name and e.applied:
+                e.details["ops_on_sharded_tokens_in_graph"] = n_sharded
+        return "sequence_parallel"
+
+    # -- eager twin ---------------------------------------------------------------------
+    def parallelize(self, name: str, module: Any, rp: Any, cx: GraphContext,
+                    device_type: str) -> Entry | None:
+        """reduce_scatter + all_gather inside a layer that owns its all-reduce. Without a
+        compiler the residual stream cannot stay token-sharded, so this moves the same
+        bytes as the all-reduce: it exists so the eager path matches the graph path."""
+        cfg = cx.config
+        fuse = cfg.fuse_mm_reduce_scatter in (True, "auto")
+        if not (cfg.sequence_parallel in (True, "auto") or cfg.fuse_mm_reduce_scatter is True):
+            return None
+        g, n = rp.group.group_name, dist.get_world_size(rp.group)
+        bias = rp.bias if dist.get_rank(rp.group) == 0 else None
+        fused, _ = mm_reduce_scatter_impl(device_type, n, g)
+
+        def forward(self: Any, x: torch.Tensor) -> Any:
+            if rp.partial is not None:  # the layer's own matmul (or lookup): [..., F]
+                p = rp.partial(x)
+                p2 = p.reshape(-1, p.shape[-1])
+                ys = comm.reduce_scatter_rows(p2, g, n)
+                return rp.wrap(comm.gather_rows(ys, g, n, p2.shape[0]).view(p.shape))
+            x2 = x.reshape(-1, x.shape[-1])
+            ys = (comm.mm_reduce_scatter(x2, rp.weight, bias, g, n) if bias is not None
+                  else fused(x2, rp.weight, g, n))
+            return rp.wrap(comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1))
+
+        module.forward = types.MethodType(forward, module)
+        rewrite = "mm_reduce_scatter" if fuse and rp.weight is not None else self.name
+        return Entry(rewrite, name, True, "eager: reduce_scatter + all_gather inside the layer "
+                     "(same bytes as the all-reduce)", n)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from tp_passes.config import TPConfig
+from tp_passes.config import MODULE_NAME_KEYS, Host, TPConfig
 
 BACKEND = "tp_passes"
 # why module TP across DP ranks is refused inside vLLM (graph and eager paths)
@@ -64,6 +64,16 @@ def current_vllm_config() -> Any | None:
 
     current = get_current_vllm_config_or_none()
     return current if current is not None else (_LOADED[0] if _LOADED else None)
+
+
+def host(options: Mapping[str, Any] | None) -> Host | None:
+    """The vLLM host of a compile (registered with `tp_passes.config.register_host` by the
+    plugin): vLLM's config, and module TP refused (see VLLM_MODULE_TP)."""
+    vllm_config = current_vllm_config()
+    if vllm_config is None:
+        return None
+    refused = {name: VLLM_MODULE_TP for name in MODULE_NAME_KEYS}
+    return Host("vllm", config_from_vllm(vllm_config, options), refused)
 
 
 def uses_tp_passes(vllm_config: Any) -> bool:

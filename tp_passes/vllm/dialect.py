@@ -40,3 +40,37 @@ def shm_group_name(handle: int) -> str:
         if getattr(module, "handle", None) == handle:
             return c.device_group.group_name
     raise KeyError(f"tp_passes: no vLLM group owns shm handle {handle}")
+
+
+# -- the all-reduce forms of vLLM's graphs, registered with `tp_passes.fx` ----------------
+
+
+def vllm_all_reduce(node: Any) -> Any:
+    """``vllm.all_reduce(x, group_name="tp:0")`` (CUDA, ROCm, XPU, NPU custom op)."""
+    from tp_passes.fx import AllReduce, custom_op
+
+    op = custom_op("vllm", "all_reduce")
+    if op is None or node.target is not op:
+        return None
+    name = node.kwargs.get("group_name", node.args[1] if len(node.args) > 1 else None)
+    return AllReduce(node, node.args[0], torch_group_name(name), "vllm.all_reduce")
+
+
+def shm_all_reduce(node: Any) -> Any:
+    """vLLM on CPU: the in-place ``_C.shm_allreduce(handle, x)``, functionalized by AOT into
+    ``auto_functionalized[_v2](_C.shm_allreduce, handle=h, ...)`` + ``getitem(., 1)``."""
+    from tp_passes.fx import AllReduce, custom_op, functionalized_inplace
+
+    op = custom_op("_C", "shm_allreduce")
+    found = functionalized_inplace(node, op, "data") if op is not None else None
+    if found is None:
+        return None
+    return AllReduce(found[1], found[0], shm_group_name(node.kwargs["handle"]), "_C.shm_allreduce")
+
+
+def register() -> None:
+    """Make the rewrites see vLLM's all-reduces (idempotent)."""
+    from tp_passes.fx import register_all_reduce_dialect
+
+    register_all_reduce_dialect(vllm_all_reduce)
+    register_all_reduce_dialect(shm_all_reduce)

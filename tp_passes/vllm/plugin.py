@@ -1,7 +1,9 @@
 """`vllm.general_plugins` entry point: makes ``compilation_config={"backend": "tp_passes"}`` work.
 
 vLLM calls `register()` in every process it starts (engine, workers), possibly more than
-once. It installs two hooks, each at most once per process:
+once. It registers vLLM's all-reduce dialects and its config source with the core
+(`tp_passes.fx.register_all_reduce_dialect`, `tp_passes.config.register_host`) and installs
+two hooks, each at most once per process:
 
 1. Config: wraps the current platform's `apply_config_platform_defaults` (vLLM's hook for
    platform defaults, called right before the compilation mode is chosen) to pick
@@ -25,6 +27,11 @@ def register() -> None:
     """Zero-argument, idempotent; safe in every vLLM process."""
     from vllm.platforms import current_platform
 
+    from tp_passes.config import register_host
+    from tp_passes.vllm import config, dialect
+
+    dialect.register()  # vLLM's all-reduce ops, seen by the rewrites
+    register_host(config.host)  # vLLM's config and what it refuses, seen by the backend
     _wrap_classmethod(type(current_platform), "apply_config_platform_defaults", _before_platform_defaults)
     for runner in _model_runner_classes():
         _wrap_method(runner, "load_model", _after_load_model)

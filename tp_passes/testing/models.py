@@ -1,4 +1,6 @@
-"""A small Llama-style tensor-parallel decoder, written with functional collectives.
+"""The reference model: a small Llama-style tensor-parallel decoder (functional collectives).
+
+Class names start with `Ref` so they cannot be mistaken for vLLM's layers.
 
 Vocab-parallel embedding, column-parallel q/k/v and merged gate_up, row-parallel o_proj
 and down_proj (bias on TP rank 0 only, as vLLM and Megatron write it), GQA, RMSNorm.
@@ -43,7 +45,7 @@ def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
     return full.chunk(n, dim=dim)[j].clone()
 
 
-class TPContext:
+class RefTP:
     def __init__(self, group: dist.ProcessGroup | None, inplace: bool = False) -> None:
         self.group = group
         self.inplace = inplace
@@ -59,10 +61,10 @@ class TPContext:
         return funcol.all_reduce(x, "sum", self.group)
 
 
-class RowParallelLinear(nn.Module):
+class RefRowLinear(nn.Module):
     """y = all_reduce(x_j @ W_j.T) (+ bias on rank 0, before the reduce)."""
 
-    def __init__(self, full_w: torch.Tensor, full_b: torch.Tensor | None, tp: TPContext) -> None:
+    def __init__(self, full_w: torch.Tensor, full_b: torch.Tensor | None, tp: RefTP) -> None:
         super().__init__()
         self.tp = tp
         self.weight = nn.Parameter(_shard(full_w, 1, tp.n, tp.j), requires_grad=False)
@@ -74,8 +76,8 @@ class RowParallelLinear(nn.Module):
         return self.tp.all_reduce(F.linear(x, self.weight, bias))
 
 
-class ColumnParallelLinear(nn.Module):
-    def __init__(self, full_w: torch.Tensor, tp: TPContext, parts: int = 1) -> None:
+class RefColumnLinear(nn.Module):
+    def __init__(self, full_w: torch.Tensor, tp: RefTP, parts: int = 1) -> None:
         super().__init__()
         # a merged weight (gate_up) is sharded part by part
         chunks = [_shard(p, 0, tp.n, tp.j) for p in full_w.chunk(parts, dim=0)]
@@ -85,8 +87,8 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class VocabParallelEmbedding(nn.Module):
-    def __init__(self, full_w: torch.Tensor, tp: TPContext) -> None:
+class RefVocabEmbedding(nn.Module):
+    def __init__(self, full_w: torch.Tensor, tp: RefTP) -> None:
         super().__init__()
         self.tp = tp
         self.per = full_w.shape[0] // tp.n
@@ -111,17 +113,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
+    def __init__(self, c: ModelConfig, tp: RefTP, g: torch.Generator) -> None:
         super().__init__()
         self.h, self.kv, self.d = c.heads // tp.n, c.kv_heads // tp.n, c.head_dim
         s = c.hidden**-0.5
-        self.q_proj = ColumnParallelLinear(s * torch.randn(c.heads * c.head_dim, c.hidden, generator=g), tp)
-        self.k_proj = ColumnParallelLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
-        self.v_proj = ColumnParallelLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
+        self.q_proj = RefColumnLinear(s * torch.randn(c.heads * c.head_dim, c.hidden, generator=g), tp)
+        self.k_proj = RefColumnLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
+        self.v_proj = RefColumnLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
         a = c.heads * c.head_dim
         wo = a**-0.5 * torch.randn(c.hidden, a, generator=g)
         bo = 0.1 * torch.randn(c.hidden, generator=g) if c.o_proj_bias else None
-        self.o_proj = RowParallelLinear(wo, bo, tp)
+        self.o_proj = RefRowLinear(wo, bo, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -135,17 +137,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
+    def __init__(self, c: ModelConfig, tp: RefTP, g: torch.Generator) -> None:
         super().__init__()
         s = c.hidden**-0.5
         gate_up = s * torch.randn(2 * c.intermediate, c.hidden, generator=g)
         if c.merged_gate_up:
-            self.gate_up_proj = ColumnParallelLinear(gate_up, tp, parts=2)
+            self.gate_up_proj = RefColumnLinear(gate_up, tp, parts=2)
         else:
-            self.gate_proj = ColumnParallelLinear(gate_up[: c.intermediate], tp)
-            self.up_proj = ColumnParallelLinear(gate_up[c.intermediate :], tp)
+            self.gate_proj = RefColumnLinear(gate_up[: c.intermediate], tp)
+            self.up_proj = RefColumnLinear(gate_up[c.intermediate :], tp)
         wd = c.intermediate**-0.5 * torch.randn(c.hidden, c.intermediate, generator=g)
-        self.down_proj = RowParallelLinear(wd, 0.1 * torch.randn(c.hidden, generator=g) if c.mlp_bias else None, tp)
+        self.down_proj = RefRowLinear(wd, 0.1 * torch.randn(c.hidden, generator=g) if c.mlp_bias else None, tp)
         self.act = F.silu if c.act == "silu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, tp: TPContext, g: torch.Generator) -> None:
+    def __init__(self, c: ModelConfig, tp: RefTP, g: torch.Generator) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden, c.eps, g)
         self.self_attn = Attention(c, tp, g)
@@ -169,14 +171,14 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class TPLlama(nn.Module):
+class RefLlama(nn.Module):
     """Returns final hidden states and logits (lm_head replicated)."""
 
     def __init__(self, c: ModelConfig, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        tp = TPContext(group, c.inplace_all_reduce)
+        tp = RefTP(group, c.inplace_all_reduce)
         g = torch.Generator().manual_seed(c.seed)
-        self.embed_tokens = VocabParallelEmbedding(torch.randn(c.vocab, c.hidden, generator=g), tp)
+        self.embed_tokens = RefVocabEmbedding(torch.randn(c.vocab, c.hidden, generator=g), tp)
         self.layers = nn.ModuleList(DecoderLayer(c, tp, g) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.eps, g)
         self.lm_head = nn.Linear(c.hidden, c.vocab, bias=c.lm_head_bias)

@@ -1,0 +1,61 @@
+"""What the graph inputs of a Dynamo graph are: module paths and owning modules.
+
+aot_autograd's inputs are the GraphModule's parameters and buffers, then Dynamo's
+placeholders, whose `grapharg` source names them (``L['self']._modules['layers']...``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tp_passes.fx import module_of, path_from_source
+
+
+def _sources(gm: fx.GraphModule) -> list[str]:
+    """Dynamo's source of every graph input (``L['self']._modules['layers']...``), or ''."""
+    names = ["" for _ in gm.named_parameters(remove_duplicate=False)]
+    names += ["" for _ in gm.named_buffers(remove_duplicate=False)]
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        src = getattr(arg, "source", None) if arg is not None else None
+        name = getattr(src, "name", "") if src is not None else ""
+        names.append(name() if callable(name) else name)
+    return names
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    """Module path of every ATen graph input, in aot_autograd's order."""
+    params = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    params += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    phs = list(gm.graph.find_nodes(op="placeholder"))
+    return params + [path_from_source(src) if src else node.name
+                     for src, node in zip(_sources(gm)[len(params):], phs)]
+
+
+def input_owners(gm: fx.GraphModule, real_inputs: list[Any]) -> list[tuple[Any, str] | None]:
+    """(module, attribute) holding each graph input, found through Dynamo's sources and the
+    frame being compiled; None where it cannot be found (then the input is never released)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        frame_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:
+        return [None] * len(real_inputs)
+    out: list[tuple[Any, str] | None] = []
+    for src, t in zip(_sources(gm), real_inputs):
+        root = re.match(r"^L\['([^']*)'\]", src)
+        owner, leaf = None, ""
+        if root is not None and isinstance(frame_locals.get(root.group(1)), torch.nn.Module):
+            path = path_from_source(src)
+            try:
+                owner = frame_locals[root.group(1)].get_submodule(module_of(path))
+            except AttributeError:
+                owner = None
+            leaf = path.rpartition(".")[2]
+        found = owner is not None and getattr(owner, leaf, None) is t
+        out.append((owner, leaf) if found else None)
+    return out
