@@ -27,7 +27,9 @@ from tp_passes.report import all_reports, reset_reports
 
 N = 8
 E = 4  # fp32 bytes
-CFG = ModelConfig(vocab=256, hidden=64, heads=16, kv_heads=8, head_dim=8, intermediate=128, layers=2)
+CFG = ModelConfig(
+    vocab=256, hidden=64, heads=16, kv_heads=8, head_dim=8, intermediate=128, layers=2
+)
 H, A, V, L, I = CFG.hidden, CFG.heads * CFG.head_dim, CFG.vocab, CFG.layers, CFG.intermediate
 
 
@@ -73,7 +75,10 @@ def analytic(case: str, T: int, k: int = N) -> float:
 
 
 CASES = {  # case -> (TP group for the model, options)
-    "original (TP all-reduce)": (True, {"sequence_parallel": False, "fuse_mm_reduce_scatter": False}),
+    "original (TP all-reduce)": (
+        True,
+        {"sequence_parallel": False, "fuse_mm_reduce_scatter": False},
+    ),
     "sequence_parallel": (True, {}),
     "flashcomm2=1": (True, {"flashcomm2": 1, "sequence_parallel": False}),
     "flashcomm2=2": (True, {"flashcomm2": 2, "sequence_parallel": False}),
@@ -90,7 +95,9 @@ def counted(tp: bool, opts: dict, T: int) -> tuple[float, list]:
     destroy_groups()  # each case infers its own layout (TP model vs pure DP)
     model = RefLlama(CFG, dist.group.WORLD if tp else None)
     with torch.no_grad():
-        torch.compile(model, backend="tp_passes", options=dict(opts, inner="eager"))(torch.arange(T) % V)
+        torch.compile(model, backend="tp_passes", options=dict(opts, inner="eager"))(
+            torch.arange(T) % V
+        )
     rep = all_reports()[-1]
     return rep.wire_bytes_after, rep.wire_rows
 
@@ -103,21 +110,40 @@ def main() -> None:
     rows = []
     for T in (64, 37):
         for case, (tp, opts) in CASES.items():
-            k = opts.get("oproj_tp") or opts.get("embedding_tp") or opts.get("lmhead_tp") or opts.get("mlp_tp") or N
+            k = (
+                opts.get("oproj_tp")
+                or opts.get("embedding_tp")
+                or opts.get("lmhead_tp")
+                or opts.get("mlp_tp")
+                or N
+            )
             if T % (N * 2) and case not in ("original (TP all-reduce)", "sequence_parallel"):
                 continue  # the padded run only shows the SP padding overhead
             measured, per_op = counted(tp, opts, T)
             expect = analytic(case, T, k)
-            row = {"case": case, "T": T, "group": k, "measured_bytes_per_rank": measured,
-                   "analytic_min_bytes_per_rank": expect, "measured_over_analytic": round(measured / expect, 4),
-                   "collectives": per_op}
+            row = {
+                "case": case,
+                "T": T,
+                "group": k,
+                "measured_bytes_per_rank": measured,
+                "analytic_min_bytes_per_rank": expect,
+                "measured_over_analytic": round(measured / expect, 4),
+                "collectives": per_op,
+            }
             if T % N:
-                row["note"] = (f"T={T} is padded to {-(-T // N) * N} rows for reduce-scatter/all-gather; "
-                               "the analytic minimum is for unpadded T")
+                row["note"] = (
+                    f"T={T} is padded to {-(-T // N) * N} rows for reduce-scatter/all-gather; "
+                    "the analytic minimum is for unpadded T"
+                )
             rows.append(row)
-            print(f"T={T:3d} {case:26s} measured {measured:>10,.0f}  analytic {expect:>10,.0f}  ratio {row['measured_over_analytic']}")
+            print(
+                f"T={T:3d} {case:26s} measured {measured:>10,.0f}  "
+                f"analytic {expect:>10,.0f}  ratio {row['measured_over_analytic']}"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"world": N, "dtype": "float32", "model": str(CFG), "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"world": N, "dtype": "float32", "model": str(CFG), "rows": rows}, indent=2)
+    )
     print("wrote", args.out)
 
 

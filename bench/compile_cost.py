@@ -28,8 +28,12 @@ CASES = {"sequence_parallel": {}, "flashcomm2=1 + SP": {"flashcomm2": 1}}
 def measure(layers: int, opts: dict, tokens: int = 64) -> dict:
     torch._dynamo.reset()
     reset_reports()
-    model = RefLlama(ModelConfig(vocab=256, hidden=128, heads=16, kv_heads=8, head_dim=8,
-                                intermediate=256, layers=layers), dist.group.WORLD)
+    model = RefLlama(
+        ModelConfig(
+            vocab=256, hidden=128, heads=16, kv_heads=8, head_dim=8, intermediate=256, layers=layers
+        ),
+        dist.group.WORLD,
+    )
     ids = torch.arange(tokens)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -30,7 +30,10 @@ MODULES = {
     "o_proj": (LAYERS, [((HIDDEN, O_IN), "shard", 1)]),
     "embedding": (1, [((VOCAB, HIDDEN), "shard", 0)]),
     "lm_head": (1, [((VOCAB, HIDDEN), "shard", 0)]),
-    "mlp (dense layers)": (DENSE_LAYERS, [((2 * INTER, HIDDEN), "shard_halves", 0), ((HIDDEN, INTER), "shard", 1)]),
+    "mlp (dense layers)": (
+        DENSE_LAYERS,
+        [((2 * INTER, HIDDEN), "shard_halves", 0), ((HIDDEN, INTER), "shard", 1)],
+    ),
 }
 
 
@@ -71,8 +74,11 @@ def main() -> None:
     for k in (2, 4, 8):
         result["k"][k] = measure(k)
         for name, row in result["k"][k].items():
-            print(f"k={k} {name:20s} {row['full_bytes_per_rank'] / 1e9:7.3f} GB -> "
-                  f"{row['sharded_bytes_per_rank'] / 1e9:7.3f} GB  (measured/analytic {row['measured_over_analytic']})")
+            print(
+                f"k={k} {name:20s} {row['full_bytes_per_rank'] / 1e9:7.3f} GB -> "
+                f"{row['sharded_bytes_per_rank'] / 1e9:7.3f} GB  "
+                f"(measured/analytic {row['measured_over_analytic']})"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print("wrote", args.out)

@@ -14,7 +14,6 @@ from tp_passes.groups import (
 )
 
 
-
 def parallelize(model, config):  # noqa: ANN001 - thin lazy wrapper
     """Apply the configured rewrites to `model`'s modules (eager path); see tp_passes.eager."""
     from tp_passes.eager import parallelize as _parallelize

@@ -55,12 +55,15 @@ def _agree(cx: GraphContext, found: Found, released: list[str]) -> list[list[lis
         "matches": [[m.invariant() for m in ms] for _, ms in found],
         "released": released,
     }
-    local = ([[m.local() for m in ms] for _, ms in found],
-             sorted({s.ranks for s in cx.sites if s.n > 1}))
+    local = (
+        [[m.local() for m in ms] for _, ms in found],
+        sorted({s.ranks for s in cx.sites if s.n > 1}),
+    )
     everyone = agree_across_ranks(invariant, "the rewrite plan (config or matched graph)", local)
     cx.layout, cx.layout_reason = RankLayout.infer([groups for _, groups in everyone])
-    return [[[e[0][r][i] for e in everyone] for i in range(len(ms))]
-            for r, (_, ms) in enumerate(found)]
+    return [
+        [[e[0][r][i] for e in everyone] for i in range(len(ms))] for r, (_, ms) in enumerate(found)
+    ]
 
 
 def _plan_weights(cx: GraphContext, applied: list[tuple[Rewrite, Match]]) -> None:
@@ -72,10 +75,17 @@ def _plan_weights(cx: GraphContext, applied: list[tuple[Rewrite, Match]]) -> Non
         weights.materialize(requests)
 
 
-def rewrite_graph(gm: fx.GraphModule, config: TPConfig, inputs: list[Any] | None = None,
-                  input_names: list[str] | None = None, *, decompositions: dict | None = None,
-                  refused: dict[str, str] | None = None, dumper: Dumper | None = None,
-                  owners: list[tuple[Any, str] | None] | None = None) -> Rewritten:
+def rewrite_graph(
+    gm: fx.GraphModule,
+    config: TPConfig,
+    inputs: list[Any] | None = None,
+    input_names: list[str] | None = None,
+    *,
+    decompositions: dict | None = None,
+    refused: dict[str, str] | None = None,
+    dumper: Dumper | None = None,
+    owners: list[tuple[Any, str] | None] | None = None,
+) -> Rewritten:
     """Apply every registered rewrite `config` enables to `gm` in place (collective: every
     rank of the graph's groups calls it). `inputs`: real tensors of the graph inputs
     (weights; default: the placeholders' fake values, so weight rewrites skip).
@@ -83,9 +93,14 @@ def rewrite_graph(gm: fx.GraphModule, config: TPConfig, inputs: list[Any] | None
     it. `owners`: (module, attribute) per input, for `release_weights`."""
     phs = list(gm.graph.find_nodes(op="placeholder"))
     fakes = [p.meta.get("val") for p in phs]
-    cx = GraphContext(gm, config, list(fakes if inputs is None else inputs),
-                      list(input_names or [p.name for p in phs]), detect_fake_mode(fakes),
-                      decompositions)
+    cx = GraphContext(
+        gm,
+        config,
+        list(fakes if inputs is None else inputs),
+        list(input_names or [p.name for p in phs]),
+        detect_fake_mode(fakes),
+        decompositions,
+    )
     dumper = dumper or Dumper(False, "", 0)
     cx.sites = find_sites(gm, cx.input_names)
     found: Found = [(rw, rw.find(cx)) for rw in REWRITES]
@@ -122,10 +137,16 @@ def rewrite_graph(gm: fx.GraphModule, config: TPConfig, inputs: list[Any] | None
     weights.refuse_reading_released(cx.inputs, cx.input_names, read)
     if config.release_weights:
         owner_of = {id(t): o for t, o in zip(cx.inputs, owners or []) if o is not None}
-        weights.release_unread([m for _, m in applied], read | weights.read_by_compiled_graphs(),
-                               owner_of)
-    return Rewritten(entries, [m for _, m in applied], cx.derived, cx.checked_groups,
-                     describe_layout(cx.layout, cx.layout_reason))
+        weights.release_unread(
+            [m for _, m in applied], read | weights.read_by_compiled_graphs(), owner_of
+        )
+    return Rewritten(
+        entries,
+        [m for _, m in applied],
+        cx.derived,
+        cx.checked_groups,
+        describe_layout(cx.layout, cx.layout_reason),
+    )
 
 
 def _reads(cx: GraphContext) -> set[int]:
@@ -153,8 +174,9 @@ def _inner(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
     return make_boxed_func(torchair.get_npu_backend()(gm, example_inputs))
 
 
-def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any],
-                      options: dict | None = None, **_: Any):
+def tp_passes_backend(
+    gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any
+):
     """The torch.compile backend (entry point `torch_dynamo_backends: tp_passes`)."""
     from torch._dynamo.backends.common import aot_autograd
 
@@ -182,8 +204,16 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any],
         done = Rewritten([], [], [])
         if dist.is_available() and dist.is_initialized():
             t0 = time.perf_counter()
-            done = rewrite_graph(aten_gm, config, real, names, decompositions=decomps,
-                                 refused=dict(host.refused), dumper=dumper, owners=owners)
+            done = rewrite_graph(
+                aten_gm,
+                config,
+                real,
+                names,
+                decompositions=decomps,
+                refused=dict(host.refused),
+                dumper=dumper,
+                owners=owners,
+            )
             report.rewrite_ms = (time.perf_counter() - t0) * 1e3
             report.entries, report.layout = done.entries, done.layout
         if decomps is not None:
@@ -207,8 +237,9 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any],
         def run(args: list[Any]) -> Any:
             for pg in check_groups:  # module TP exchanges tokens: equal counts or a hang
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-                agree_across_ranks(shapes, "input shapes (token counts) across a module TP group",
-                                   group=pg)
+                agree_across_ranks(
+                    shapes, "input shapes (token counts) across a module TP group", group=pg
+                )
             return compiled(list(args) + bound.check())
 
         run._boxed_call = True  # type: ignore[attr-defined]
@@ -216,12 +247,19 @@ def tp_passes_backend(gm: fx.GraphModule, example_inputs: list[Any],
 
     def training(aten_gm: fx.GraphModule, inputs: list[Any]):
         report = GraphReport(next_graph_id(), rank())
-        report.entries.append(Entry("all", "", False, "training graph: tp_passes rewrites "
-                                    "inference graphs only (use torch.no_grad())"))
+        report.entries.append(
+            Entry(
+                "all",
+                "",
+                False,
+                "training graph: tp_passes rewrites inference graphs only (use torch.no_grad())",
+            )
+        )
         record(report)
         if decomps is not None:
             decompose_kept(aten_gm, decomps, detect_fake_mode(inputs))
         return _inner(config, aten_gm, inputs)
 
-    return aot_autograd(fw_compiler=training, inference_compiler=inference,
-                        decompositions=aot_decomps)(gm, example_inputs)
+    return aot_autograd(
+        fw_compiler=training, inference_compiler=inference, decompositions=aot_decomps
+    )(gm, example_inputs)

@@ -129,8 +129,13 @@ ACTIVATIONS = {
 
 
 def mlp_dp(
-    x: torch.Tensor, gate_j: torch.Tensor, up_j: torch.Tensor, down_j: torch.Tensor,
-    group: str, k: int, act: str = "silu",
+    x: torch.Tensor,
+    gate_j: torch.Tensor,
+    up_j: torch.Tensor,
+    down_j: torch.Tensor,
+    group: str,
+    k: int,
+    act: str = "silu",
 ) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with gate/up sharded by rows (a merged gate_up weight is
     sharded half by half, see `shard_halves`) and down by columns."""

@@ -176,7 +176,9 @@ def _parse_value(key: str, name: str, value: Any) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"TPConfig: {key} must be JSON, e.g. '{{\"oproj_tp\": [\"c_proj\"]}}': {e}") from None
+            raise ValueError(
+                f'TPConfig: {key} must be JSON, e.g. \'{{"oproj_tp": ["c_proj"]}}\': {e}'
+            ) from None
     text = value.strip().lower()
     if name in _SIZE_FIELDS:
         try:
@@ -214,9 +216,13 @@ def _check_type(name: str, value: Any) -> None:
             raise ValueError(f"TPConfig: module_names must be a mapping, got {value!r}")
         for k, names in value.items():
             if k not in MODULE_NAME_KEYS:
-                raise ValueError(f"TPConfig: module_names key {k!r} is not one of {', '.join(MODULE_NAME_KEYS)}")
+                raise ValueError(
+                    f"TPConfig: module_names key {k!r} is not one of {', '.join(MODULE_NAME_KEYS)}"
+                )
             if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-                raise ValueError(f"TPConfig: module_names[{k!r}] must be a list of names, got {names!r}")
+                raise ValueError(
+                    f"TPConfig: module_names[{k!r}] must be a list of names, got {names!r}"
+                )
     elif name in _STR_FIELDS:
         if not isinstance(value, str):
             raise ValueError(f"TPConfig: {name} must be a string, got {value!r}")

@@ -1,6 +1,6 @@
 """CPU demo: spawn gloo ranks, show the groups, compile a TP Llama with each rewrite.
 
-    python -m tp_passes.demo [--world 4] [--tokens 37]
+python -m tp_passes.demo [--world 4] [--tokens 37]
 """
 
 from __future__ import annotations
@@ -57,24 +57,37 @@ def _compile_on_rank(rank: int, world: int, tokens: int, cases: dict) -> list[di
         model = RefLlama(ModelConfig(layers=4, o_proj_bias=True), dist.group.WORLD)
         with torch.no_grad():
             ref = model(ids)
-            got = torch.compile(model, backend=tp_passes_backend, options=dict(opts, inner="eager"))(ids)
+            got = torch.compile(
+                model, backend=tp_passes_backend, options=dict(opts, inner="eager")
+            )(ids)
         rep = all_reports()[-1]
         applied: dict[str, int] = {}
         for e in rep.entries:
             if e.applied:
                 applied[e.rewrite] = applied.get(e.rewrite, 0) + 1
-        out.append({
-            "case": name, "applied": applied, "collectives": rep.collectives,
-            "bytes_before": rep.wire_bytes_before, "bytes_after": rep.wire_bytes_after,
-            "max_abs_diff": (got - ref).abs().max().item(),
-        })
+        out.append(
+            {
+                "case": name,
+                "applied": applied,
+                "collectives": rep.collectives,
+                "bytes_before": rep.wire_bytes_before,
+                "bytes_after": rep.wire_bytes_after,
+                "max_abs_diff": (got - ref).abs().max().item(),
+            }
+        )
     return out
 
 
 def show_backend(world: int, tokens: int) -> None:
-    print(f"\n== torch.compile(backend='tp_passes') on a 4-layer TP Llama, TP={world}, T={tokens} tokens")
+    print(
+        f"\n== torch.compile(backend='tp_passes') on a 4-layer TP Llama, "
+        f"TP={world}, T={tokens} tokens"
+    )
     per_rank = run_ranks(_compile_on_rank, world, tokens, BACKEND_CASES, timeout=600)
-    print(f"  {'case':28s} {'rewrites applied':52s} {'bytes/rank before -> after':28s} max|diff| (worst rank)")
+    print(
+        f"  {'case':28s} {'rewrites applied':52s} {'bytes/rank before -> after':28s} "
+        "max|diff| (worst rank)"
+    )
     for i, row in enumerate(per_rank[0]):
         diff = max(r[i]["max_abs_diff"] for r in per_rank)
         applied = ", ".join(f"{k} x{v}" for k, v in sorted(row["applied"].items()))
@@ -83,7 +96,9 @@ def show_backend(world: int, tokens: int) -> None:
         print(f"  {'':28s} collectives: {row['collectives']}")
 
 
-DP_CONFIG = dict(vocab=4000, hidden=256, heads=8, kv_heads=4, head_dim=32, intermediate=688, layers=2)
+DP_CONFIG = dict(
+    vocab=4000, hidden=256, heads=8, kv_heads=4, head_dim=32, intermediate=688, layers=2
+)
 
 
 def _module_tp_on_rank(rank: int, world: int, k: int, tokens: int) -> list[dict]:
@@ -111,13 +126,21 @@ def _module_tp_on_rank(rank: int, world: int, k: int, tokens: int) -> list[dict]
 
 def show_module_tp(world: int, tokens: int) -> None:
     k = 2
-    print(f"\n== module TP across DP ranks: {world} pure-DP ranks, groups of k={k}, T={tokens} tokens each")
+    print(
+        f"\n== module TP across DP ranks: {world} pure-DP ranks, groups of k={k}, "
+        f"T={tokens} tokens each"
+    )
     per_rank = run_ranks(_module_tp_on_rank, world, k, tokens, timeout=600)
-    print(f"  {'rewrite':14s} {'matches':>7s} {'weight MB/rank before -> after':>32s} {'bytes/step/rank':>16s}  max|diff| of the output, worst rank")
+    print(
+        f"  {'rewrite':14s} {'matches':>7s} {'weight MB/rank before -> after':>32s} "
+        f"{'bytes/step/rank':>16s}  max|diff| of the output, worst rank"
+    )
     for i, row in enumerate(per_rank[0]):
         diff = max(r[i]["diff"] for r in per_rank)
         mb = f"{row['before'] / 1e6:.3f} -> {row['after'] / 1e6:.3f}"
-        print(f"  {row['rewrite']:14s} {row['matches']:7d} {mb:>32s} {row['wire']:16,d}  {diff:.2e}")
+        print(
+            f"  {row['rewrite']:14s} {row['matches']:7d} {mb:>32s} {row['wire']:16,d}  {diff:.2e}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

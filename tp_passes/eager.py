@@ -64,7 +64,11 @@ def as_row_parallel(module: nn.Module) -> RowParallel | None:
     `tp.group` (the reference model). vLLM's layers: `tp_passes.vllm.eager`.
     """
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not getattr(module, "reduce_results", False):
+    if (
+        not isinstance(w, torch.Tensor)
+        or w.dim() != 2
+        or not getattr(module, "reduce_results", False)
+    ):
         return None
     group = getattr(module, "tp_group", None) or getattr(getattr(module, "tp", None), "group", None)
     if group is None or dist.get_world_size(group) == 1:
@@ -87,24 +91,35 @@ def parallelize(
     """
     module_tp = [r for r in REWRITES if isinstance(r, ModuleTP)]
     cands = find_module_candidates(model, config, module_tp) if config.module_tp_sizes() else []
-    rps = {name: rp for name, module in model.named_modules()
-           if (rp := recognize(module)) is not None}
-    tp_groups = sorted({tuple(sorted(dist.get_process_group_ranks(rp.group)))
-                        for rp in rps.values()})
-    invariant = {"config": config.to_dict(), "modules": [c.invariant() for c in cands],
-                 "row_parallel": sorted(rps)}
+    rps = {
+        name: rp for name, module in model.named_modules() if (rp := recognize(module)) is not None
+    }
+    tp_groups = sorted(
+        {tuple(sorted(dist.get_process_group_ranks(rp.group))) for rp in rps.values()}
+    )
+    invariant = {
+        "config": config.to_dict(),
+        "modules": [c.invariant() for c in cands],
+        "row_parallel": sorted(rps),
+    }
     local = ([c.match.local() for c in cands], tp_groups)
     everyone = agree_across_ranks(
-        invariant, "the eager rewrite plan (config, matched modules or layers)", local)
+        invariant, "the eager rewrite plan (config, matched modules or layers)", local
+    )
     layout, why = RankLayout.infer([groups for _, groups in everyone])
     for i, c in enumerate(cands):
         c.cx.layout, c.cx.layout_reason = layout, why
         c.rewrite.decide(c.match, [e[0][i] for e in everyone], c.cx)
-    entries = [Entry(c.rewrite.name, c.path, False, c.match.reason, c.match.size, blocked=True)
-               for c in cands if not c.match.apply]
+    entries = [
+        Entry(c.rewrite.name, c.path, False, c.match.reason, c.match.size, blocked=True)
+        for c in cands
+        if not c.match.apply
+    ]
     if config.strict and entries:
-        raise RuntimeError("tp_passes (strict): " + "; ".join(
-            f"{e.rewrite} at {e.module}: {e.reason}" for e in entries))
+        raise RuntimeError(
+            "tp_passes (strict): "
+            + "; ".join(f"{e.rewrite} at {e.module}: {e.reason}" for e in entries)
+        )
     entries += parallelize_modules(cands)
     rewritten = tuple(c.path for c in cands if c.match.apply)
     cx = GraphContext(None, config, [], [], None, layout=layout, layout_reason=why)
@@ -112,8 +127,13 @@ def parallelize(
     return [asdict(e) for e in entries]
 
 
-def _row_parallel(model: nn.Module, cx: GraphContext, rps: dict[str, RowParallel],
-                  rewritten: tuple[str, ...], device_type: str) -> list[Entry]:
+def _row_parallel(
+    model: nn.Module,
+    cx: GraphContext,
+    rps: dict[str, RowParallel],
+    rewritten: tuple[str, ...],
+    device_type: str,
+) -> list[Entry]:
     """FlashComm2, else sequence parallelism, on the layers that own their all-reduce."""
     fc2 = next(r for r in REWRITES if isinstance(r, FlashComm2))
     sp = next(r for r in REWRITES if isinstance(r, SequenceParallel))
@@ -127,8 +147,9 @@ def _row_parallel(model: nn.Module, cx: GraphContext, rps: dict[str, RowParallel
             if not blocker:
                 entries.append(fc2.parallelize(name, module, rp, cx))
                 continue
-            entry = Entry(fc2.name, name, False, blocker, dist.get_world_size(rp.group),
-                          blocked=True)
+            entry = Entry(
+                fc2.name, name, False, blocker, dist.get_world_size(rp.group), blocked=True
+            )
             if cx.config.strict:
                 raise RuntimeError(f"tp_passes (strict): {entry.rewrite} at {name}: {entry.reason}")
             entries.append(entry)

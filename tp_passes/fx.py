@@ -16,7 +16,6 @@ aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
 VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-TRANSPOSE_OPS = {aten.t.default, aten.permute.default, aten.transpose.int}
 
 
 def is_call(node: Any, *targets: Any) -> bool:
@@ -76,13 +75,20 @@ def functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, f
     Only the whole-tensor form: v2 with its base used as is (no view kwargs), v1 with the
     tensor passed directly. A single mutated argument is output 1 in both versions.
     """
-    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+    from torch._higher_order_ops.auto_functionalize import (
+        auto_functionalized,
+        auto_functionalized_v2,
+    )
 
     if not (node.op == "call_function" and node.args and node.args[0] is op):
         return None
     if node.target is auto_functionalized_v2:
         bases, index = node.kwargs.get("_all_bases", []), node.kwargs.get(f"_{arg}_base_index")
-        if len(bases) != 1 or index != 0 or any(k.startswith(f"_{arg}_") and k != f"_{arg}_base_index" for k in node.kwargs):
+        if (
+            len(bases) != 1
+            or index != 0
+            or any(k.startswith(f"_{arg}_") and k != f"_{arg}_base_index" for k in node.kwargs)
+        ):
             return None
         x = bases[0]
     elif node.target is auto_functionalized:
@@ -177,7 +183,11 @@ def describe_producer(node: fx.Node) -> str:
     node = through_views(node)
     if node.target is operator.getitem:
         node = node.args[0]
-    target = node.args[0] if node.op == "call_function" and "auto_functionalized" in str(node.target) else node.target
+    target = (
+        node.args[0]
+        if node.op == "call_function" and "auto_functionalized" in str(node.target)
+        else node.target
+    )
     name = str(target).replace(".default", "")
     if name == "_C.onednn_mm":
         return "_C.onednn_mm (vLLM on CPU: a prepacked oneDNN weight handle)"
@@ -192,7 +202,7 @@ _PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]
 def path_from_source(source_name: str) -> str:
     """`L['self']._modules['layers']._modules['3']._parameters['weight']` -> `layers.3.weight`."""
     root = re.match(r"^(?:L|G)\['([^']*)'\]", source_name)
-    rest = source_name[root.end():] if root else source_name
+    rest = source_name[root.end() :] if root else source_name
     parts = []
     for m in _PART.finditer(rest):
         parts.append(next(g for g in m.groups() if g is not None))

@@ -32,8 +32,10 @@ def input_names(gm: fx.GraphModule) -> list[str]:
     params = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
     params += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
     phs = list(gm.graph.find_nodes(op="placeholder"))
-    return params + [path_from_source(src) if src else node.name
-                     for src, node in zip(_sources(gm)[len(params):], phs)]
+    return params + [
+        path_from_source(src) if src else node.name
+        for src, node in zip(_sources(gm)[len(params) :], phs)
+    ]
 
 
 def input_owners(gm: fx.GraphModule, real_inputs: list[Any]) -> list[tuple[Any, str] | None]:

@@ -36,7 +36,9 @@ def _npu_fused(x, w, group: str, n: int):
 
     pg = _resolve_process_group(group)
     hcom = pg._get_backend(torch.device("npu")).get_hccl_comm_name(pg.rank())
-    return torch_npu.npu_mm_reduce_scatter_base(comm.pad_rows(x, n), w.t(), hcom, n, reduce_op="sum")
+    return torch_npu.npu_mm_reduce_scatter_base(
+        comm.pad_rows(x, n), w.t(), hcom, n, reduce_op="sum"
+    )
 
 
 def mm_reduce_scatter_impl(device_type: str, n: int, group: str) -> tuple[Callable, str]:
@@ -62,10 +64,16 @@ def decompose_kept(gm: torch.fx.GraphModule, table: dict, fake_mode: Any) -> Non
     from tp_passes.fx import splice
 
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in KEEP_UNDECOMPOSED or node.target not in table:
+        if (
+            node.op != "call_function"
+            or node.target not in KEEP_UNDECOMPOSED
+            or node.target not in table
+        ):
             continue
         decomp, rest, kwargs = table[node.target], node.args[1:], dict(node.kwargs)
-        new = splice(gm.graph, lambda t: decomp(t, *rest, **kwargs), [node.args[0]], node, fake_mode, table)
+        new = splice(
+            gm.graph, lambda t: decomp(t, *rest, **kwargs), [node.args[0]], node, fake_mode, table
+        )
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.recompile()

@@ -35,7 +35,9 @@ class GraphReport:
     wire_rows: list[dict[str, Any]] = field(default_factory=list)  # final graph, per collective
     nodes: int = 0  # ATen graph nodes seen by the rewrites
     rewrite_ms: float = 0.0  # time spent matching, planning and rewriting
-    config: dict[str, Any] = field(default_factory=dict)  # the TPConfig this graph was rewritten with
+    config: dict[str, Any] = field(
+        default_factory=dict
+    )  # the TPConfig this graph was rewritten with
     matmuls_before: int = 0  # mm/addmm/bmm nodes before and after: a rewrite never computes twice
     matmuls_after: int = 0
     layout: str = ""  # the rank layout the plan ran on, and where it came from
@@ -46,7 +48,10 @@ class GraphReport:
             "rank": self.rank,
             "entries": [asdict(e) for e in self.entries],
             "collectives": self.collectives,
-            "wire_bytes_per_rank": {"before": self.wire_bytes_before, "after": self.wire_bytes_after},
+            "wire_bytes_per_rank": {
+                "before": self.wire_bytes_before,
+                "after": self.wire_bytes_after,
+            },
             "nodes": self.nodes,
             "matmuls": {"before": self.matmuls_before, "after": self.matmuls_after},
             "rewrite_ms": self.rewrite_ms,
@@ -61,7 +66,10 @@ class GraphReport:
                 applied[e.rewrite] = applied.get(e.rewrite, 0) + 1
         skipped = sum(not e.applied for e in self.entries)
         parts = ", ".join(f"{k} x{v}" for k, v in sorted(applied.items())) or "no rewrite"
-        return f"tp_passes graph {self.graph_id}: {parts}; {skipped} skipped; collectives {self.collectives}"
+        return (
+            f"tp_passes graph {self.graph_id}: {parts}; {skipped} skipped; "
+            f"collectives {self.collectives}"
+        )
 
 
 _REPORTS: list[GraphReport] = []

@@ -70,17 +70,25 @@ def is_released(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and bool(getattr(t, RELEASED, ""))
 
 
-def derive(source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | None = None) -> torch.Tensor:
+def derive(
+    source: torch.Tensor | None, spec: WeightSpec, like: torch.Tensor | None = None
+) -> torch.Tensor:
     """Build the derived tensor (no cache). `source` None: this rank contributes zeros like
     `like` (a bias held by one rank only). "gather" and "sum" are collectives."""
     with torch.no_grad():
         if spec.kind in ("shard", "shard_halves"):
             k, j = dist.get_world_size(spec.group), dist.get_rank(spec.group)
             src = source.detach()
-            return comm.shard_padded(src, spec.dim, k, j) if spec.kind == "shard" else comm.shard_halves(src, k, j)
+            return (
+                comm.shard_padded(src, spec.dim, k, j)
+                if spec.kind == "shard"
+                else comm.shard_halves(src, k, j)
+            )
         if spec.kind == "gather":
             k = dist.get_world_size(spec.group)
-            out = funcol.wait_tensor(funcol.all_gather_single(source.detach().contiguous(), 0, spec.group))
+            out = funcol.wait_tensor(
+                funcol.all_gather_single(source.detach().contiguous(), 0, spec.group)
+            )
             return torch.cat(out.chunk(k), dim=spec.dim)
         src = source if source is not None else torch.zeros_like(like)
         out = src.detach().float()  # exactly one rank contributes: the sum is exact
@@ -105,7 +113,11 @@ class Derived:
 
     def cached(self) -> torch.Tensor | None:
         hit = getattr(self.anchor, ATTR, {}).get(self._cache_key())
-        return hit[1] if hit is not None and hit[0] == (state(self.source), state(self.anchor)) else None
+        return (
+            hit[1]
+            if hit is not None and hit[0] == (state(self.source), state(self.anchor))
+            else None
+        )
 
     def build(self) -> None:
         self.value = derive(self.source, self.spec, self.like)
@@ -126,7 +138,9 @@ def materialize(requests: list[Derived]) -> None:
     hits = [d.cached() for d in requests]
     unbuildable = [d.name for d, h in zip(requests, hits) if h is None and is_released(d.source)]
     same = [(d.name, d.spec.kind, d.spec.dim) for d in requests]
-    everyone = agree_across_ranks(same, "derived weights", ([h is not None for h in hits], unbuildable))
+    everyone = agree_across_ranks(
+        same, "derived weights", ([h is not None for h in hits], unbuildable)
+    )
     lost = sorted({name for _, names in everyone for name in names})
     if lost:
         raise RuntimeError(
@@ -158,12 +172,15 @@ def release(t: torch.Tensor, name: str, why: str, owner: Any, leaf: str) -> None
     leaves = owner.__dict__.setdefault("_tp_passes_released_leaves", {})
     if not leaves:  # first released weight of this module: install the guards once
         owner.register_state_dict_post_hook(lambda mod, *_: _refuse(mod, "state_dict()"))
-        owner._apply = types.MethodType(lambda mod, *_a, **_k: _refuse(mod, "converting it (.to(), .half(), ...)"), owner)
+        owner._apply = types.MethodType(
+            lambda mod, *_a, **_k: _refuse(mod, "converting it (.to(), .half(), ...)"), owner
+        )
     leaves[leaf] = f"{name} ({why})"
 
 
-def release_unread(matches: list[Any], read: set[int],
-                   owner_of: dict[int, tuple[Any, str]]) -> None:
+def release_unread(
+    matches: list[Any], read: set[int], owner_of: dict[int, tuple[Any, str]]
+) -> None:
     """Free the full weights the applied `matches` derived from, unless a graph still reads
     them (`read`: ids) or no owning module is known to guard them (noted in the report)."""
     for m in matches:
@@ -175,10 +192,12 @@ def release_unread(matches: list[Any], read: set[int],
                 entry.details.setdefault("kept_full_weights", []).append(d.name)
             elif id(d.source) not in owner_of:  # no module to guard: never a silent empty tensor
                 entry.details.setdefault("kept_full_weights", []).append(
-                    f"{d.name} (owner not found)")
+                    f"{d.name} (owner not found)"
+                )
             else:
-                release(d.source, d.name, f"{entry.rewrite} at {entry.module}",
-                        *owner_of[id(d.source)])
+                release(
+                    d.source, d.name, f"{entry.rewrite} at {entry.module}", *owner_of[id(d.source)]
+                )
 
 
 def refuse_reading_released(inputs: list[Any], names: list[str], read: set[int]) -> None:
@@ -260,17 +279,25 @@ def refresh_weights() -> int:
     live = [b for b in (ref() for ref in _LIVE) if b is not None]
     _LIVE[:] = [weakref.ref(b) for b in live]
     todo = [(b, i) for b in live for i, d in enumerate(b.derived) if not is_released(d.source)]
-    lost = [d.name for b in live for d in b.derived if is_released(d.source) and state(d.source) != d.made_from]
+    lost = [
+        d.name
+        for b in live
+        for d in b.derived
+        if is_released(d.source) and state(d.source) != d.made_from
+    ]
     if dist.is_initialized():
         from tp_passes.groups.registry import agree_across_ranks
 
         plan = [(b.derived[i].name, b.derived[i].spec.kind) for b, i in todo]
-        everyone = agree_across_ranks(plan, "refresh_weights() (derived weights of compiled graphs)", lost)
+        everyone = agree_across_ranks(
+            plan, "refresh_weights() (derived weights of compiled graphs)", lost
+        )
         lost = sorted({n for names in everyone for n in names})
     if lost:
         raise RuntimeError(
             f"tp_passes.refresh_weights: {', '.join(lost)} changed after release_weights=True "
-            "freed them; their derived weights cannot be rebuilt (reload the model and compile again)"
+            "freed them; their derived weights cannot be rebuilt "
+            "(reload the model and compile again)"
         )
     for b, i in todo:
         d = b.derived[i]

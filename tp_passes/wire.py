@@ -19,7 +19,11 @@ def _hint(s: Any) -> int:
     """A size as an int: symbolic sizes by the value they were traced with."""
     if isinstance(s, int):
         return s
-    return int(s.node.hint) if s.node.hint is not None else int(s.node.shape_env.size_hint(s.node.expr))
+    return (
+        int(s.node.hint)
+        if s.node.hint is not None
+        else int(s.node.shape_env.size_hint(s.node.expr))
+    )
 
 
 def _nbytes(t: Any) -> int:
@@ -42,26 +46,47 @@ def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str
         t, name = node.target, str(node.target)
         if t == c10d.all_reduce.default or (ar := as_all_reduce(node)) is not None:
             # any all-reduce op (functional, vLLM custom op, CPU shm): (tensor, group)
-            tensor, group = ((node.args[0], node.args[2]) if t == c10d.all_reduce.default
-                             else (ar.partial, ar.group_name))
+            tensor, group = (
+                (node.args[0], node.args[2])
+                if t == c10d.all_reduce.default
+                else (ar.partial, ar.group_name)
+            )
             n, s = _resolve_process_group(group).size(), _nbytes(val(tensor))
-            rows.append({"name": "all_reduce", "op": "all_reduce", "n": n,
-                         "bytes": 2 * (n - 1) * s // n})
+            rows.append(
+                {"name": "all_reduce", "op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n}
+            )
         elif t in (c10d.reduce_scatter_tensor.default, custom_op("vllm", "reduce_scatter")):
             n = node.args[2]  # vllm.reduce_scatter(x, dim, world_size, group_name)
-            rows.append({"name": name.split(".")[1], "op": "reduce_scatter", "n": n,
-                         "bytes": (n - 1) * _nbytes(val(node.args[0])) // n})
+            rows.append(
+                {
+                    "name": name.split(".")[1],
+                    "op": "reduce_scatter",
+                    "n": n,
+                    "bytes": (n - 1) * _nbytes(val(node.args[0])) // n,
+                }
+            )
         elif t in (c10d.all_gather_into_tensor.default, custom_op("vllm", "all_gather")):
             n = node.args[1] if t == c10d.all_gather_into_tensor.default else node.args[2]
-            rows.append({"name": name.split(".")[1], "op": "all_gather", "n": n,
-                         "bytes": (n - 1) * _nbytes(val(node.args[0]))})
+            rows.append(
+                {
+                    "name": name.split(".")[1],
+                    "op": "all_gather",
+                    "n": n,
+                    "bytes": (n - 1) * _nbytes(val(node.args[0])),
+                }
+            )
         elif t == c10d.all_to_all_single.default:
             n = _resolve_process_group(node.args[3]).size()
-            rows.append({"name": "all_to_all_single", "op": "all_to_all", "n": n,
-                         "bytes": (n - 1) * _nbytes(val(node.args[0])) // n})
+            rows.append(
+                {
+                    "name": "all_to_all_single",
+                    "op": "all_to_all",
+                    "n": n,
+                    "bytes": (n - 1) * _nbytes(val(node.args[0])) // n,
+                }
+            )
         elif name.startswith("_c10d_functional.") and "wait" not in name:
-            rows.append({"name": name.split(".")[1], "op": name.split(".")[1], "n": 0,
-                         "bytes": 0})
+            rows.append({"name": name.split(".")[1], "op": name.split(".")[1], "n": 0, "bytes": 0})
     return rows
 
 

@@ -34,10 +34,21 @@ def main() -> None:
     if args.additional:
         kwargs["additional_config"] = json.loads(args.additional)
     t0 = time.time()
-    llm = LLM(args.model, tensor_parallel_size=2, skip_tokenizer_init=True, dtype="float32",
-              enforce_eager=args.eager, max_model_len=128, max_num_seqs=4, seed=0, **kwargs)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    llm = LLM(
+        args.model,
+        tensor_parallel_size=2,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        enforce_eager=args.eager,
+        max_model_len=128,
+        max_num_seqs=4,
+        seed=0,
+        **kwargs,
+    )
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS],
+        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+    )
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     with open(args.out, "w") as f:
         json.dump({"tokens": tokens, "seconds": time.time() - t0}, f)

@@ -78,7 +78,9 @@ class RankLayout:
         flat = [r for island in islands for r in island]
         if sorted(flat) != list(range(self.world_size)):
             missing = sorted(set(range(self.world_size)) - set(flat))
-            extra = sorted(r for r in set(flat) if flat.count(r) > 1 or not 0 <= r < self.world_size)
+            extra = sorted(
+                r for r in set(flat) if flat.count(r) > 1 or not 0 <= r < self.world_size
+            )
             raise ValueError(
                 f"RankLayout: islands must list every rank of world_size={self.world_size} "
                 f"exactly once (missing {missing}, repeated or out of range {extra})"
@@ -113,7 +115,9 @@ class RankLayout:
         return cls(world_size, tp=tp, dp=world_size // tp, islands=None if contiguous else groups)
 
     @classmethod
-    def infer(cls, groups_per_rank: Sequence[Sequence[Sequence[int]]]) -> tuple[RankLayout | None, str]:
+    def infer(
+        cls, groups_per_rank: Sequence[Sequence[Sequence[int]]]
+    ) -> tuple[RankLayout | None, str]:
         """(layout, "") from the TP groups each rank's all-reduces use (rank r's list; empty:
         no TP, the rank alone), or (None, why) when they imply none."""
         per_rank = [list(g) if g else [(r,)] for r, g in enumerate(groups_per_rank)]
@@ -166,9 +170,7 @@ class RankLayout:
         """Chunks of k consecutive DP indices at fixed ExternalDP, PP, PCP and TP index."""
         _positive_int("module TP size k", k)
         if self.dp % k:
-            raise ValueError(
-                f"RankLayout: module TP size k={k} does not divide dp={self.dp}"
-            )
+            raise ValueError(f"RankLayout: module TP size k={k} does not divide dp={self.dp}")
         e, d, p, c, t = self.shape
         return self._map(groups_varying((e, d // k, k, p, c, t), [2]))
 
@@ -182,8 +184,7 @@ class RankLayout:
         _positive_int("flashcomm2 m", m)
         if m >= self.tp or self.tp % m:
             raise ValueError(
-                f"RankLayout: flashcomm2 m={m} must divide tp={self.tp} and be smaller "
-                "than it"
+                f"RankLayout: flashcomm2 m={m} must divide tp={self.tp} and be smaller than it"
             )
         G = self.tp // m
         otp, odp = [], []

@@ -48,7 +48,12 @@ def required_groups(config: TPConfig, layout: RankLayout) -> dict[str, Groups]:
         "dp": layout.dp_groups(),
         "pp": layout.pp_groups(),
     }
-    fields = {"otp": "oproj_tp", "lmheadtp": "lmhead_tp", "embedtp": "embedding_tp", "mlptp": "mlp_tp"}
+    fields = {
+        "otp": "oproj_tp",
+        "lmheadtp": "lmhead_tp",
+        "embedtp": "embedding_tp",
+        "mlptp": "mlp_tp",
+    }
     try:
         for name, k in config.module_tp_sizes().items():
             field_name = f"TPConfig.{fields[name]}={k}"
@@ -292,8 +297,12 @@ def _world_backend() -> str:
 
 def _vllm_group(ps: Any, name: str, rank_lists: Groups, mine: tuple[int, ...], backend: str):
     """Inside vLLM: reuse its TP/DP/PP/world coordinators, create the rest through it."""
-    existing = {"world": ps.get_world_group, "tp": ps.get_tp_group, "dp": ps.get_dp_group,
-                "pp": ps.get_pp_group}
+    existing = {
+        "world": ps.get_world_group,
+        "tp": ps.get_tp_group,
+        "dp": ps.get_dp_group,
+        "pp": ps.get_pp_group,
+    }
     if name in existing:
         coord = existing[name]()
         if tuple(coord.ranks) != mine:

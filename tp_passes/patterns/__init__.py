@@ -22,6 +22,18 @@ REWRITES: tuple[Rewrite, ...] = (
 )
 
 __all__ = [
-    "REWRITES", "EmbeddingTP", "FlashComm2", "GraphContext", "LMHeadTP", "MLPTP", "Match",
-    "ModuleTP", "OProjTP", "Rewrite", "SequenceParallel", "Site", "SiteMatch", "find_sites",
+    "REWRITES",
+    "EmbeddingTP",
+    "FlashComm2",
+    "GraphContext",
+    "LMHeadTP",
+    "MLPTP",
+    "Match",
+    "ModuleTP",
+    "OProjTP",
+    "Rewrite",
+    "SequenceParallel",
+    "Site",
+    "SiteMatch",
+    "find_sites",
 ]

@@ -27,7 +27,15 @@ import torch.fx as fx
 
 from tp_passes import weights
 from tp_passes.config import TPConfig
-from tp_passes.fx import AllReduce, Matmul, find_all_reduces, match_matmul, module_of, placeholder_of, val
+from tp_passes.fx import (
+    AllReduce,
+    Matmul,
+    find_all_reduces,
+    match_matmul,
+    module_of,
+    placeholder_of,
+    val,
+)
 from tp_passes.groups.layout import RankLayout
 from tp_passes.report import Entry
 
@@ -107,10 +115,14 @@ class GraphContext:
                 return i
         return None
 
-    def real(self, node: fx.Node | None) -> Any:
-        """The real tensor behind placeholder `node` (None if it is not an input)."""
+    def real(self, node: fx.Node | None) -> torch.Tensor | None:
+        """The real tensor behind placeholder `node` (None if it is not an input or only a
+        fake value is known, as for a bare GraphModule)."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
         i = self.input_index(node)
-        return self.inputs[i] if i is not None and i < len(self.inputs) else None
+        t = self.inputs[i] if i is not None and i < len(self.inputs) else None
+        return t if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) else None
 
     def name(self, node: fx.Node) -> str:
         i = self.input_index(node)

@@ -31,7 +31,13 @@ from tp_passes import comm, weights, wire
 from tp_passes.fx import describe_producer
 from tp_passes.groups.registry import flashcomm2_groups
 from tp_passes.patterns.base import (
-    GraphContext, Match, Rewrite, Site, SiteMatch, resolve_group, weight_bytes,
+    GraphContext,
+    Match,
+    Rewrite,
+    Site,
+    SiteMatch,
+    resolve_group,
+    weight_bytes,
 )
 from tp_passes.patterns.module_tp import selects
 from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
@@ -50,8 +56,11 @@ class FlashComm2(Rewrite):
 
     def find(self, cx: GraphContext) -> list[Match]:
         m = cx.config.flashcomm2
-        return [SiteMatch(s.module, s.n, site=s) for s in cx.sites
-                if m and s.n > 1 and not s.reason and selects(cx.config, "oproj_tp", s.module)]
+        return [
+            SiteMatch(s.module, s.n, site=s)
+            for s in cx.sites
+            if m and s.n > 1 and not s.reason and selects(cx.config, "oproj_tp", s.module)
+        ]
 
     def blocker(self, site: Site, cx: GraphContext) -> str:
         why = flashcomm2_size_error(cx.config.flashcomm2, site.n)
@@ -59,13 +68,15 @@ class FlashComm2(Rewrite):
         if why:
             return why
         if mm is None:
-            return (f"o_proj's product comes from {describe_producer(site.ar.partial)}, not a "
-                    "plain matmul: its weight cannot be resharded")
+            return (
+                f"o_proj's product comes from {describe_producer(site.ar.partial)}, not a "
+                "plain matmul: its weight cannot be resharded"
+            )
         if site.weight_index is None:
             return "o_proj weight is not a graph input (cannot gather it)"
         if len(mm.weight.users) != 1:
             return "o_proj weight is read elsewhere in the graph"
-        if not isinstance(cx.real(mm.weight), torch.Tensor):
+        if cx.real(mm.weight) is None:
             return "o_proj weight has no real tensor at compile time"
         return cx.layout_reason if cx.layout is None else ""
 
@@ -77,21 +88,25 @@ class FlashComm2(Rewrite):
         if m.apply:
             details["m"] = cx.config.flashcomm2
             cx.taken.add(m.site.ar.result)
-        m.entries.append(Entry(self.name, m.module, m.apply, m.reason, m.size, details,
-                               blocked=not m.apply))
+        m.entries.append(
+            Entry(self.name, m.module, m.apply, m.reason, m.size, details, blocked=not m.apply)
+        )
 
     def plan_weights(self, m: SiteMatch, cx: GraphContext) -> None:
         mm = m.site.matmul
         m.groups = flashcomm2_groups(cx.layout, cx.config.flashcomm2)
         w_real = cx.real(mm.weight)
-        m.derived = [weights.Derived(cx.name(mm.weight),
-                                     weights.WeightSpec("gather", 1, m.groups[1].pg),
-                                     w_real, w_real)]
+        m.derived = [
+            weights.Derived(
+                cx.name(mm.weight), weights.WeightSpec("gather", 1, m.groups[1].pg), w_real, w_real
+            )
+        ]
         if m.any_bias:  # rank 0's bias, summed with zeros from the others: one bias everywhere
             like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
             spec = weights.WeightSpec("sum", 0, resolve_group(m.site.ar.group_name))
-            m.derived.append(weights.Derived(f"{m.module}.bias", spec, cx.real(mm.bias),
-                                             w_real, like))
+            m.derived.append(
+                weights.Derived(f"{m.module}.bias", spec, cx.real(mm.bias), w_real, like)
+            )
 
     def replace(self, m: SiteMatch, cx: GraphContext) -> None:
         site, mm = m.site, m.site.matmul
@@ -116,21 +131,26 @@ class FlashComm2(Rewrite):
             weight_bytes_after=weight_bytes([w.value]),
             wire_bytes_per_step=wire.total(wire.collective_bytes(twin.meta["tp_passes_inserted"])),
             wire_note="all_to_all (+ OTP reduce_scatter); the all_gather is counted where SP "
-                      "places it")
+            "places it",
+        )
 
     # -- eager twin ---------------------------------------------------------------------
     def blocker_eager(self, rp: Any, cx: GraphContext) -> str:
         n = dist.get_world_size(rp.group)
-        return (flashcomm2_size_error(cx.config.flashcomm2, n) or rp.why_opaque
-                or (cx.layout_reason if cx.layout is None else ""))
+        return (
+            flashcomm2_size_error(cx.config.flashcomm2, n)
+            or rp.why_opaque
+            or (cx.layout_reason if cx.layout is None else "")
+        )
 
     def parallelize(self, name: str, module: nn.Module, rp: Any, cx: GraphContext) -> Entry:
         """The layer's weight becomes the gathered [H, A/m] block (collective); its forward
         all_to_all + full-width o_proj + all_gather."""
         n, mo = dist.get_world_size(rp.group), cx.config.flashcomm2
         otp, odp = flashcomm2_groups(cx.layout, mo)
-        d = weights.Derived(f"{name}.weight", weights.WeightSpec("gather", 1, odp.pg),
-                            rp.weight, rp.weight)
+        d = weights.Derived(
+            f"{name}.weight", weights.WeightSpec("gather", 1, odp.pg), rp.weight, rp.weight
+        )
         weights.materialize([d])
         before = weight_bytes([rp.weight])
         module.weight = nn.Parameter(d.value, requires_grad=False)  # the module holds the block
@@ -138,12 +158,17 @@ class FlashComm2(Rewrite):
 
         def forward(self: nn.Module, x: torch.Tensor) -> Any:
             x2 = x.reshape(-1, x.shape[-1])
-            ys = comm.flashcomm2_rows(x2, self.weight, odp.group_name, n // mo,
-                                      otp.group_name, mo)
+            ys = comm.flashcomm2_rows(x2, self.weight, odp.group_name, n // mo, otp.group_name, mo)
             if bias is not None:
                 ys = ys + bias
             return rp.wrap(comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1))
 
         module.forward = types.MethodType(forward, module)
-        return Entry(self.name, name, True, "", n, {
-            "weight_bytes_before": before, "weight_bytes_after": weight_bytes([d.value])})
+        return Entry(
+            self.name,
+            name,
+            True,
+            "",
+            n,
+            {"weight_bytes_before": before, "weight_bytes_after": weight_bytes([d.value])},
+        )

@@ -40,11 +40,13 @@ from tp_passes.report import Entry
 O_PROJ = ("o_proj", "out_proj", "wo", "attention.dense")
 EMBEDDING = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings")
 LM_HEAD = ("lm_head", "output", "embed_out")
-MLP_PAIRS = (("gate_up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"),
-             ("w1", "w3", "w2"))
+MLP_PAIRS = (
+    ("gate_up_proj", "down_proj"),
+    ("gate_proj", "up_proj", "down_proj"),
+    ("w1", "w3", "w2"),
+)
 EXCLUDED = ("mtp", "vision", "visual")
-DEFAULT_NAMES = {"oproj_tp": O_PROJ, "embedding_tp": EMBEDDING, "lmhead_tp": LM_HEAD,
-                 "mlp_tp": ()}
+DEFAULT_NAMES = {"oproj_tp": O_PROJ, "embedding_tp": EMBEDDING, "lmhead_tp": LM_HEAD, "mlp_tp": ()}
 
 
 def excluded(path: str, include_draft_and_vision: bool = False) -> bool:
@@ -69,8 +71,14 @@ def mlp_names(module: Any) -> tuple[str, ...] | None:
 
 
 MLP_REGION_OPS = {
-    aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.silu.default,
-    aten.gelu.default, aten.mul.Tensor, aten.view.default, aten._unsafe_view.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.slice.Tensor,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.mul.Tensor,
+    aten.view.default,
+    aten._unsafe_view.default,
     aten.reshape.default,
 }
 # activations the MLP rewrite re-applies by name (kept undecomposed until after the rewrites)
@@ -134,11 +142,17 @@ class ModuleTP(Rewrite):
     def find(self, cx: GraphContext) -> list[Match]:
         if not self.size(cx.config):
             return []
-        return self.matches(_weights_by_path(cx.gm, cx.input_names), cx.config,
-                            reduced_matmuls(cx.graph))
+        found = self.matches(
+            _weights_by_path(cx.gm, cx.input_names), cx.config, reduced_matmuls(cx.graph)
+        )
+        for m in found:
+            if not m.reason and any(cx.real(w) is None for w in m.weights):
+                m.reason = "weight has no real tensor at compile time (cannot shard it)"
+        return found
 
-    def matches(self, by_path: dict[str, fx.Node], config: Any,
-                reduced: set[fx.Node]) -> list[ModuleMatch]:
+    def matches(
+        self, by_path: dict[str, fx.Node], config: Any, reduced: set[fx.Node]
+    ) -> list[ModuleMatch]:
         """Matches among the weights `by_path`; `reduced`: matmuls feeding a TP all-reduce."""
         raise NotImplementedError
 
@@ -151,8 +165,14 @@ class ModuleTP(Rewrite):
         first dim of the full first weight (the vocab, for lm_head)."""
         raise NotImplementedError
 
-    def _linear(self, by_path: dict[str, fx.Node], config: Any, reduced: set[fx.Node],
-                what: str, tied: bool = False) -> list[ModuleMatch]:
+    def _linear(
+        self,
+        by_path: dict[str, fx.Node],
+        config: Any,
+        reduced: set[fx.Node],
+        what: str,
+        tied: bool = False,
+    ) -> list[ModuleMatch]:
         out = []
         for path, w in by_path.items():
             module, _, leaf = path.rpartition(".")
@@ -161,8 +181,15 @@ class ModuleTP(Rewrite):
                 continue
             for mm, x, b in _linear_users(w):
                 name = f"{module} (tied lm_head)" if is_tied else module
-                m = ModuleMatch(name, self.size(config), out=mm, x=x, weights=[w], bias=b,
-                                has_bias=b is not None)
+                m = ModuleMatch(
+                    name,
+                    self.size(config),
+                    out=mm,
+                    x=x,
+                    weights=[w],
+                    bias=b,
+                    has_bias=b is not None,
+                )
                 if mm in reduced:
                     m.reason = f"{what} is already tensor-parallel (an all-reduce follows it)"
                 out.append(m)
@@ -177,11 +204,14 @@ class ModuleTP(Rewrite):
         elif layout is None:
             m.reason = f"no rank layout for module TP: {cx.layout_reason}"
         elif layout.dp % k:
-            m.reason = (f"{self.name}={k} does not divide the data-parallel size "
-                        f"dp={layout.dp} (world {layout.world_size} / tp {layout.tp})")
+            m.reason = (
+                f"{self.name}={k} does not divide the data-parallel size "
+                f"dp={layout.dp} (world {layout.world_size} / tp {layout.tp})"
+            )
         m.apply = not m.reason
-        why = m.reason or ("needs equal token counts across the group "
-                           "(checked per call with strict=True)")
+        why = m.reason or (
+            "needs equal token counts across the group (checked per call with strict=True)"
+        )
         m.entries.append(Entry(self.name, m.module, m.apply, why, k, blocked=not m.apply))
         if m.apply:
             cx.taken.add(m.out)
@@ -190,15 +220,23 @@ class ModuleTP(Rewrite):
         m.group = module_tp_group(self.group, m.size, cx.layout)
         reals = [cx.real(w) for w in m.weights]
         names = [cx.name(w) for w in m.weights]
-        m.derived = [weights.Derived(n, weights.WeightSpec(kind, dim, m.group.pg), t, t)
-                     for n, t, (kind, dim) in zip(names, reals, self.shard_specs(m))]
+        m.derived = [
+            weights.Derived(n, weights.WeightSpec(kind, dim, m.group.pg), t, t)
+            for n, t, (kind, dim) in zip(names, reals, self.shard_specs(m))
+        ]
 
     def replace(self, m: ModuleMatch, cx: GraphContext) -> None:
         g, k, j = m.group.group_name, m.size, dist.get_rank(m.group.pg)
         nodes = [cx.bind(d) for d in m.derived]
         args = [m.x, *nodes] + ([m.bias] if m.bias is not None else [])
-        out = splice(cx.graph, self.forward(m, g, k, j, val(m.weights[0]).shape[0]), args,
-                     m.out, cx.fake_mode, cx.decompositions)
+        out = splice(
+            cx.graph,
+            self.forward(m, g, k, j, val(m.weights[0]).shape[0]),
+            args,
+            m.out,
+            cx.fake_mode,
+            cx.decompositions,
+        )
         m.out.replace_all_uses_with(out)
         for s in cx.sites:  # an all-reduce of this output (TP x DP) now reduces the new value
             if s.ar.partial is m.out:
@@ -225,6 +263,7 @@ class OProjTP(ModuleTP):
         def oproj(x, w, b=None):
             y = comm.oproj_dp(x, w, g, k)
             return y if b is None else y + b
+
         return oproj
 
 
@@ -239,8 +278,9 @@ class EmbeddingTP(ModuleTP):
                 continue
             for e in w.users:
                 if is_call(e, aten.embedding.default) and e.args[0] is w and len(e.args) == 2:
-                    out.append(ModuleMatch(module, self.size(config), out=e, x=e.args[1],
-                                           weights=[w]))
+                    out.append(
+                        ModuleMatch(module, self.size(config), out=e, x=e.args[1], weights=[w])
+                    )
         return out
 
     def shard_specs(self, m):
@@ -249,6 +289,7 @@ class EmbeddingTP(ModuleTP):
     def forward(self, m, g, k, j, rows):
         def embedding(ids, w):
             return comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)
+
         return embedding
 
 
@@ -266,6 +307,7 @@ class LMHeadTP(ModuleTP):
     def forward(self, m, g, k, j, rows):
         def lmhead(h, w):
             return comm.lmhead_dp(h, w, g, k, rows)
+
         return lmhead
 
 
@@ -297,12 +339,15 @@ class MLPTP(ModuleTP):
 
     def forward(self, m, g, k, j, rows):
         if len(m.weights) == 2:  # merged gate_up, sharded half by half
+
             def merged(x, gu, d):
                 return comm.mlp_dp(x, *gu.chunk(2), d, g, k, m.act)
+
             return merged
 
         def mlp(x, gate, up, d):
             return comm.mlp_dp(x, gate, up, d, g, k, m.act)
+
         return mlp
 
 
@@ -315,8 +360,9 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
     mm_ups = [u[0][0] for u in ups]
     x, b_up = ups[0][0][1], any(u[0][2] is not None for u in ups)
     (mm_down, h, b_down) = downs[0]
-    m = ModuleMatch(parent, k, out=mm_down, x=x, weights=[*up_ws, down],
-                    has_bias=b_up or b_down is not None)
+    m = ModuleMatch(
+        parent, k, out=mm_down, x=x, weights=[*up_ws, down], has_bias=b_up or b_down is not None
+    )
     if any(through_views(u[0][1]) is not through_views(x) for u in ups):
         m.reason = "gate and up projections read different inputs"
         return m
@@ -337,8 +383,9 @@ def _match_mlp(parent: str, up_ws: list[fx.Node], down: fx.Node, k: int) -> Modu
                 frontier.append(u)
     acts = {ACTIVATIONS[n.target] + _gelu_form(n) for n in region if n.target in ACTIVATIONS}
     if through_views(h) not in region or len(acts) != 1:
-        m.reason = ("up and down projections are not one gated MLP "
-                    f"(activations found: {sorted(acts)})")
+        m.reason = (
+            f"up and down projections are not one gated MLP (activations found: {sorted(acts)})"
+        )
     else:
         m.act = acts.pop()
     return m
@@ -394,17 +441,26 @@ def _trace(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list[str
     return gm, leaves
 
 
-def find_module_candidates(model: nn.Module, config: Any,
-                           rewrites: list[ModuleTP]) -> list[ModuleCandidate]:
+def find_module_candidates(
+    model: nn.Module, config: Any, rewrites: list[ModuleTP]
+) -> list[ModuleCandidate]:
     """Every module a module TP rewrite selects and its finder accepts (no collective)."""
     out = []
     for path, module in model.named_modules():
         w = getattr(module, "weight", None)
-        chosen = [r for r in rewrites if r.size(config) and isinstance(w, torch.Tensor)
-                  and not isinstance(r, MLPTP) and selects(config, r.name, path)]
+        chosen = [
+            r
+            for r in rewrites
+            if r.size(config)
+            and isinstance(w, torch.Tensor)
+            and not isinstance(r, MLPTP)
+            and selects(config, r.name, path)
+        ]
         names = mlp_names(module) if config.mlp_tp else None
-        if names and not excluded(path, config.include_draft_and_vision) and (
-            not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path)
+        if (
+            names
+            and not excluded(path, config.include_draft_and_vision)
+            and (not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path))
         ):
             chosen += [r for r in rewrites if isinstance(r, MLPTP)]
             w = getattr(module, names[0]).weight
@@ -412,7 +468,11 @@ def find_module_candidates(model: nn.Module, config: Any,
             continue
         rewrite = chosen[0]
         embedding = isinstance(rewrite, EmbeddingTP)
-        x = torch.zeros(3, dtype=torch.int64) if embedding else torch.zeros(3, w.shape[1], dtype=w.dtype)
+        x = (
+            torch.zeros(3, dtype=torch.int64)
+            if embedding
+            else torch.zeros(3, w.shape[1], dtype=w.dtype)
+        )
         gm, leaves = _trace(module, x)
         names_in = [f"{path}.{n}" for n in leaves] + ["x"]
         found = rewrite.matches(_weights_by_path(gm, names_in), config, reduced_matmuls(gm.graph))
@@ -421,12 +481,15 @@ def find_module_candidates(model: nn.Module, config: Any,
         fake_mode = detect_fake_mode([p.meta["val"] for p in gm.graph.find_nodes(op="placeholder")])
         cx = GraphContext(gm, config, [], names_in, fake_mode)
         c = ModuleCandidate(path, module, rewrite, cx, leaves, found[0])
-        if any(str(n.target).startswith("c10d.") for n in gm.graph.nodes if n.op == "call_function"):
+        if any(
+            str(n.target).startswith("c10d.") for n in gm.graph.nodes if n.op == "call_function"
+        ):
             # make_fx keeps dist.all_reduce as c10d.allreduce_ without its wait: the traced
             # graph would read the result before the collective completes
             c.match.reason = c.match.reason or (
                 "eager: the module issues an in-place collective (dist.all_reduce), which its "
-                "traced graph cannot run in order; the graph path (torch.compile) rewrites it")
+                "traced graph cannot run in order; the graph path (torch.compile) rewrites it"
+            )
         leaf_of = dict(zip(gm.graph.find_nodes(op="placeholder"), leaves))
         c.leaves = [leaf_of[w] for w in c.match.weights]
         out.append(c)
@@ -441,7 +504,9 @@ def parallelize_modules(cands: list[ModuleCandidate]) -> list[Entry]:
         c.match.group = module_tp_group(c.rewrite.group, c.match.size, c.cx.layout)
         full = [c.module.get_parameter(leaf) for leaf in c.leaves]
         c.match.derived = [
-            weights.Derived(f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, c.match.group.pg), w, w)
+            weights.Derived(
+                f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, c.match.group.pg), w, w
+            )
             for leaf, w, (kind, dim) in zip(c.leaves, full, c.rewrite.shard_specs(c.match))
         ]
     weights.materialize([d for c in todo for d in c.match.derived])
@@ -458,8 +523,16 @@ def parallelize_modules(cands: list[ModuleCandidate]) -> list[Entry]:
             owner, _, name = leaf.rpartition(".")
             setattr(c.module.get_submodule(owner) if owner else c.module, name, shards[key])
         _splice_into_module(c)
-        entries.append(Entry(c.rewrite.name, c.path, True, "", c.match.size,
-                             {"weight_bytes_before": before, "weight_bytes_after": after}))
+        entries.append(
+            Entry(
+                c.rewrite.name,
+                c.path,
+                True,
+                "",
+                c.match.size,
+                {"weight_bytes_before": before, "weight_bytes_after": after},
+            )
+        )
     return entries
 
 

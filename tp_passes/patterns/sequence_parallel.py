@@ -17,13 +17,14 @@ After::
     q   = mm(n, t(w_q))
 
 How: every rewritten all-reduce becomes a *token-sharded value* (a producer: plain
-reduce-scatter, fused mm + reduce-scatter (`SequenceParallel.replace`), or FlashComm2). `TokenSharding` then walks the
-graph in order and pushes the sharding through row-wise ops (elementwise ops, reductions
-over the last dim, views that keep the last dim); a replicated operand with the same
-tokens is sliced to the local rows, one broadcast over tokens is used as is. The first op
-that is not row-wise (a matmul, the graph output) gets the all_gather. The first, middle
-and last layer forms fall out of this: the embedding's all-reduce starts the sharded
-stream, each o_proj/down_proj reduce-scatter continues it, the final norm ends it.
+reduce-scatter, fused mm + reduce-scatter (`SequenceParallel.replace`), or FlashComm2).
+`TokenSharding` then walks the graph in order and pushes the sharding through row-wise
+ops (elementwise ops, reductions over the last dim, views that keep the last dim); a
+replicated operand with the same tokens is sliced to the local rows, one broadcast over
+tokens is used as is. The first op that is not row-wise (a matmul, the graph output)
+gets the all_gather. The first, middle and last layer forms fall out of this: the
+embedding's all-reduce starts the sharded stream, each o_proj/down_proj reduce-scatter
+continues it, the final norm ends it.
 Padding rows (T not divisible by n) stay confined to their rows and are sliced off.
 """
 
@@ -50,12 +51,27 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 UNARY = {
-    aten.neg.default, aten.rsqrt.default, aten.sqrt.default, aten.exp.default,
-    aten.log.default, aten.abs.default, aten.reciprocal.default, aten.silu.default,
-    aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
-    aten.clone.default, aten.alias.default, aten._to_copy.default,
-    prims.convert_element_type.default, aten.pow.Tensor_Scalar, aten.add.Scalar,
-    aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
+    aten.neg.default,
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.exp.default,
+    aten.log.default,
+    aten.abs.default,
+    aten.reciprocal.default,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.relu.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    prims.convert_element_type.default,
+    aten.pow.Tensor_Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.mul.Scalar,
+    aten.div.Scalar,
 }
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 LAST_DIM_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
@@ -177,8 +193,10 @@ class TokenSharding:
         while changed:
             changed = False
             for node in reversed(list(self.graph.nodes)):
-                if node.op == "call_function" and not node.users and (
-                    not node.is_impure() or is_call(node, c10d.wait_tensor.default)
+                if (
+                    node.op == "call_function"
+                    and not node.users
+                    and (not node.is_impure() or is_call(node, c10d.wait_tensor.default))
                 ):
                     self.graph.erase_node(node)
                     changed = True
@@ -272,8 +290,9 @@ class SequenceParallel(Rewrite):
         mm = cx.matmul(site)
 
         def entry(rewrite: str, ok: bool, why: str = "") -> None:
-            m.entries.append(Entry(rewrite, m.module, ok, why, m.size,
-                                   {"dialect": site.ar.dialect}))
+            m.entries.append(
+                Entry(rewrite, m.module, ok, why, m.size, {"dialect": site.ar.dialect})
+            )
 
         if site.n == 1 or site.reason:
             entry(self.name, False, site.reason or "all-reduce over a group of size 1")
@@ -283,7 +302,9 @@ class SequenceParallel(Rewrite):
             if sp_on:
                 entry(self.name, True)
             if mm is not None:
-                entry("mm_reduce_scatter", fuse_on, "" if fuse_on else "fuse_mm_reduce_scatter=False")
+                entry(
+                    "mm_reduce_scatter", fuse_on, "" if fuse_on else "fuse_mm_reduce_scatter=False"
+                )
         else:
             entry(self.name, False, "sequence_parallel=False")
 
@@ -300,10 +321,14 @@ class SequenceParallel(Rewrite):
                     fn, how = mm_reduce_scatter_impl(val(mm.x).device.type, n, g)
                     twin = sharding.splice(lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before)
                 else:
-                    how = ("decomposed mm + reduce_scatter (bias before the reduce)"
-                           if m.any_bias else "unfused")
-                    twin = sharding.splice(lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm],
-                                           before)
+                    how = (
+                        "decomposed mm + reduce_scatter (bias before the reduce)"
+                        if m.any_bias
+                        else "unfused"
+                    )
+                    twin = sharding.splice(
+                        lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm], before
+                    )
                 for e in m.entries:
                     if e.rewrite == "mm_reduce_scatter":
                         e.details["lowering"] = how
@@ -313,7 +338,9 @@ class SequenceParallel(Rewrite):
                 shape = sharding.shape_of(partial)
                 twin = sharding.splice(
                     lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n),
-                    [partial], before)
+                    [partial],
+                    before,
+                )
         sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
 
     def finish(self, cx: GraphContext, matches: list[SiteMatch]) -> str | None:
@@ -325,8 +352,9 @@ class SequenceParallel(Rewrite):
         return "sequence_parallel"
 
     # -- eager twin ---------------------------------------------------------------------
-    def parallelize(self, name: str, module: Any, rp: Any, cx: GraphContext,
-                    device_type: str) -> Entry | None:
+    def parallelize(
+        self, name: str, module: Any, rp: Any, cx: GraphContext, device_type: str
+    ) -> Entry | None:
         """reduce_scatter + all_gather inside a layer that owns its all-reduce. Without a
         compiler the residual stream cannot stay token-sharded, so this moves the same
         bytes as the all-reduce: it exists so the eager path matches the graph path."""
@@ -345,11 +373,19 @@ class SequenceParallel(Rewrite):
                 ys = comm.reduce_scatter_rows(p2, g, n)
                 return rp.wrap(comm.gather_rows(ys, g, n, p2.shape[0]).view(p.shape))
             x2 = x.reshape(-1, x.shape[-1])
-            ys = (comm.mm_reduce_scatter(x2, rp.weight, bias, g, n) if bias is not None
-                  else fused(x2, rp.weight, g, n))
+            ys = (
+                comm.mm_reduce_scatter(x2, rp.weight, bias, g, n)
+                if bias is not None
+                else fused(x2, rp.weight, g, n)
+            )
             return rp.wrap(comm.gather_rows(ys, g, n, x2.shape[0]).view(*x.shape[:-1], -1))
 
         module.forward = types.MethodType(forward, module)
         rewrite = "mm_reduce_scatter" if fuse and rp.weight is not None else self.name
-        return Entry(rewrite, name, True, "eager: reduce_scatter + all_gather inside the layer "
-                     "(same bytes as the all-reduce)", n)
+        return Entry(
+            rewrite,
+            name,
+            True,
+            "eager: reduce_scatter + all_gather inside the layer (same bytes as the all-reduce)",
+            n,
+        )

@@ -68,7 +68,9 @@ class RefRowLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.weight = nn.Parameter(_shard(full_w, 1, tp.n, tp.j), requires_grad=False)
-        self.bias = nn.Parameter(full_b.clone(), requires_grad=False) if full_b is not None else None
+        self.bias = (
+            nn.Parameter(full_b.clone(), requires_grad=False) if full_b is not None else None
+        )
         self.reduce_results = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +119,15 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.kv, self.d = c.heads // tp.n, c.kv_heads // tp.n, c.head_dim
         s = c.hidden**-0.5
-        self.q_proj = RefColumnLinear(s * torch.randn(c.heads * c.head_dim, c.hidden, generator=g), tp)
-        self.k_proj = RefColumnLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
-        self.v_proj = RefColumnLinear(s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp)
+        self.q_proj = RefColumnLinear(
+            s * torch.randn(c.heads * c.head_dim, c.hidden, generator=g), tp
+        )
+        self.k_proj = RefColumnLinear(
+            s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp
+        )
+        self.v_proj = RefColumnLinear(
+            s * torch.randn(c.kv_heads * c.head_dim, c.hidden, generator=g), tp
+        )
         a = c.heads * c.head_dim
         wo = a**-0.5 * torch.randn(c.hidden, a, generator=g)
         bo = 0.1 * torch.randn(c.hidden, generator=g) if c.o_proj_bias else None
@@ -147,7 +155,9 @@ class MLP(nn.Module):
             self.gate_proj = RefColumnLinear(gate_up[: c.intermediate], tp)
             self.up_proj = RefColumnLinear(gate_up[c.intermediate :], tp)
         wd = c.intermediate**-0.5 * torch.randn(c.hidden, c.intermediate, generator=g)
-        self.down_proj = RefRowLinear(wd, 0.1 * torch.randn(c.hidden, generator=g) if c.mlp_bias else None, tp)
+        self.down_proj = RefRowLinear(
+            wd, 0.1 * torch.randn(c.hidden, generator=g) if c.mlp_bias else None, tp
+        )
         self.act = F.silu if c.act == "silu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,9 @@ def tp_passes_dict(additional_config: Mapping[str, Any] | None) -> dict[str, Any
     extra = dict(additional_config or {})
     ours = extra.get("tp_passes", {})
     if not isinstance(ours, Mapping):
-        raise ValueError(f"tp_passes: additional_config['tp_passes'] must be a dict, got {type(ours).__name__}")
+        raise ValueError(
+            f"tp_passes: additional_config['tp_passes'] must be a dict, got {type(ours).__name__}"
+        )
     merged: dict[str, Any] = {}
     if "finegrained_tp_config" in extra:
         merged["finegrained_tp_config"] = extra["finegrained_tp_config"]
@@ -35,10 +37,15 @@ def tp_passes_dict(additional_config: Mapping[str, Any] | None) -> dict[str, Any
     return merged
 
 
-def config_from_vllm(vllm_config: Any, options: Mapping[str, Any] | None = None,
-                     environ: Mapping[str, str] | None = None) -> TPConfig:
+def config_from_vllm(
+    vllm_config: Any,
+    options: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TPConfig:
     base = TPConfig.from_env(environ)
-    cfg = TPConfig.from_dict(tp_passes_dict(getattr(vllm_config, "additional_config", None)), base=base)
+    cfg = TPConfig.from_dict(
+        tp_passes_dict(getattr(vllm_config, "additional_config", None)), base=base
+    )
     return TPConfig.from_dict(options or {}, base=cfg)
 
 

@@ -49,10 +49,15 @@ def _opaque_weight(module: nn.Module) -> str:
 def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
     """A vLLM layer ending in a TP all-reduce, with its forward minus the reduce."""
     from vllm.model_executor.layers.linear import RowParallelLinear
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
 
     linear = isinstance(module, RowParallelLinear)
-    if not (linear or isinstance(module, VocabParallelEmbedding)) or isinstance(module, ParallelLMHead):
+    if not (linear or isinstance(module, VocabParallelEmbedding)) or isinstance(
+        module, ParallelLMHead
+    ):
         return None
     if not module.reduce_results or module.tp_size == 1:
         return None
@@ -73,7 +78,9 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
     why = _opaque_weight(module) if linear else "not a linear"
     weight = None if why else module.weight
     bias = getattr(module, "bias", None) if linear and not module.skip_bias_add else None
-    return RowParallel(weight, bias, _device_group(module), partial=partial, wrap=wrap, why_opaque=why)
+    return RowParallel(
+        weight, bias, _device_group(module), partial=partial, wrap=wrap, why_opaque=why
+    )
 
 
 def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> list[dict]:
@@ -87,16 +94,23 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     unsupported = [k for k in kinds if getattr(config, k)]
     if unsupported and config.strict:
         raise RuntimeError(f"tp_passes (strict): {', '.join(unsupported)}: {VLLM_MODULE_TP}")
-    entries = [Entry(k, "", False, VLLM_MODULE_TP, getattr(config, k), blocked=True) for k in unsupported]
+    entries = [
+        Entry(k, "", False, VLLM_MODULE_TP, getattr(config, k), blocked=True) for k in unsupported
+    ]
     if not compiled:
         from vllm.distributed import get_tp_group
 
         # TP ranks must rewrite the same layers the same way, or their collectives hang
         found = [name for name, m in model.named_modules() if as_vllm_row_parallel(m) is not None]
-        agree_across_ranks((config.to_dict(), found), "the eager rewrite plan (config or vLLM layers)",
-                           group=get_tp_group().cpu_group)
+        agree_across_ranks(
+            (config.to_dict(), found),
+            "the eager rewrite plan (config or vLLM layers)",
+            group=get_tp_group().cpu_group,
+        )
         eager_config = dataclasses.replace(config, **{k: 0 for k in unsupported})
-        entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=as_vllm_row_parallel)]
+        entries += [
+            Entry(**e) for e in parallelize(model, eager_config, recognize=as_vllm_row_parallel)
+        ]
     if entries:
         report = GraphReport(next_graph_id(), rank(), entries, config=config.to_dict())
         Dumper(config.dump, config.dump_dir, report.graph_id).report(report)

@@ -32,7 +32,9 @@ def register() -> None:
 
     dialect.register()  # vLLM's all-reduce ops, seen by the rewrites
     register_host(config.host)  # vLLM's config and what it refuses, seen by the backend
-    _wrap_classmethod(type(current_platform), "apply_config_platform_defaults", _before_platform_defaults)
+    _wrap_classmethod(
+        type(current_platform), "apply_config_platform_defaults", _before_platform_defaults
+    )
     for runner in _model_runner_classes():
         _wrap_method(runner, "load_model", _after_load_model)
 
@@ -53,13 +55,17 @@ def _after_load_model(runner: Any) -> None:
         remember(cfg)
         from tp_passes.vllm.eager import parallelize_vllm
 
-        parallelize_vllm(runner.model, cfg, compiled=cfg.compilation_config.mode != CompilationMode.NONE)
+        parallelize_vllm(
+            runner.model, cfg, compiled=cfg.compilation_config.mode != CompilationMode.NONE
+        )
 
 
 def _model_runner_classes() -> list[type]:
     out = []
-    for mod, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
-                      ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
+    for mod, name in (
+        ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+        ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+    ):
         try:
             out.append(getattr(__import__(mod, fromlist=[name]), name))
         except Exception:  # a platform without this runner (or its deps)

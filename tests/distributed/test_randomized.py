@@ -38,12 +38,20 @@ def make_config(seed: int, i: int) -> dict:
     tp = {"tp": world, "dp": 1}.get(layout, 2)
     heads = r.choice([4, 8])
     model = dict(  # heads and KV heads divide the TP size (RefLlama shards them evenly)
-        hidden=r.choice([36, 50, 64]), heads=heads, kv_heads=r.choice([h for h in (heads, heads // 2) if h % tp == 0]),
-        head_dim=r.choice([4, 6, 8]), intermediate=r.choice([24, 36] if tp > 1 else [24, 26, 36]),
-        vocab=r.choice([48, 96] if tp > 1 else [37, 48, 50]), layers=r.choice([1, 2]),
-        o_proj_bias=r.random() < 0.4, mlp_bias=r.random() < 0.2, lm_head_bias=r.random() < 0.15,
-        act=r.choice(["silu", "silu", "gelu"]), merged_gate_up=r.random() < 0.7,
-        tie_embeddings=tp == 1 and r.random() < 0.3, inplace_all_reduce=tp > 1 and r.random() < 0.25,
+        hidden=r.choice([36, 50, 64]),
+        heads=heads,
+        kv_heads=r.choice([h for h in (heads, heads // 2) if h % tp == 0]),
+        head_dim=r.choice([4, 6, 8]),
+        intermediate=r.choice([24, 36] if tp > 1 else [24, 26, 36]),
+        vocab=r.choice([48, 96] if tp > 1 else [37, 48, 50]),
+        layers=r.choice([1, 2]),
+        o_proj_bias=r.random() < 0.4,
+        mlp_bias=r.random() < 0.2,
+        lm_head_bias=r.random() < 0.15,
+        act=r.choice(["silu", "silu", "gelu"]),
+        merged_gate_up=r.random() < 0.7,
+        tie_embeddings=tp == 1 and r.random() < 0.3,
+        inplace_all_reduce=tp > 1 and r.random() < 0.25,
         seed=r.randrange(1000),
     )
     opts: dict = {}
@@ -54,20 +62,35 @@ def make_config(seed: int, i: int) -> dict:
             opts["flashcomm2"] = r.choice([1, 2] if tp == 4 else [1])
     dp = world // tp
     if dp > 1:
-        kinds = ["lmhead_tp", "embedding_tp", "mlp_tp"] + ([] if opts.get("flashcomm2") else ["oproj_tp"])
+        kinds = ["lmhead_tp", "embedding_tp", "mlp_tp"] + (
+            [] if opts.get("flashcomm2") else ["oproj_tp"]
+        )
         for kind in r.sample(kinds, r.randint(1, len(kinds))):
             opts[kind] = r.choice([2, 4] if dp == 4 else [2])
     path = r.choice(["graph", "graph", "eager"])
     opts["release_weights"] = r.random() < 0.25
-    follow = r.choice(["none", "shape", "dynamic", "reset", "dtype", "update"] if path == "graph"
-                      else ["none", "shape", "dtype"])
+    follow = r.choice(
+        ["none", "shape", "dynamic", "reset", "dtype", "update"]
+        if path == "graph"
+        else ["none", "shape", "dtype"]
+    )
     if opts["release_weights"] and follow in ("dtype", "update"):
         follow = "reset"  # the full weights are gone: nothing to cast or update
     t = r.randint(1, world + 3)
     shape = [t] if r.random() < 0.7 else [r.choice([2, 3]), t]
-    return dict(index=i, world=world, layout=layout, tp=tp, model=model, opts=opts, path=path,
-                inner="inductor" if path == "graph" and i % 60 == 17 else "eager", follow=follow,
-                dtype=r.choice(["float32", "float32", "bfloat16"]), shape=shape)
+    return dict(
+        index=i,
+        world=world,
+        layout=layout,
+        tp=tp,
+        model=model,
+        opts=opts,
+        path=path,
+        inner="inductor" if path == "graph" and i % 60 == 17 else "eager",
+        follow=follow,
+        dtype=r.choice(["float32", "float32", "bfloat16"]),
+        shape=shape,
+    )
 
 
 def _group(world: int, tp: int, strided: bool):
@@ -75,8 +98,11 @@ def _group(world: int, tp: int, strided: bool):
         return None
     if tp == world:
         return dist.group.WORLD
-    lists = [list(range(i, world, world // tp)) for i in range(world // tp)] if strided else \
-        [list(range(i, i + tp)) for i in range(0, world, tp)]
+    lists = (
+        [list(range(i, world, world // tp)) for i in range(world // tp)]
+        if strided
+        else [list(range(i, i + tp)) for i in range(0, world, tp)]
+    )
     mine = None
     for ranks in lists:  # every rank creates every group, in the same order
         pg = dist.new_group(ranks)
@@ -102,9 +128,13 @@ def _run_one(rank: int, world: int, c: dict) -> float:
     errors = []
     with torch.no_grad():
         if c["path"] == "graph":
-            fn = torch.compile(model, backend="tp_passes", options=opts, dynamic=c["follow"] == "dynamic")
+            fn = torch.compile(
+                model, backend="tp_passes", options=opts, dynamic=c["follow"] == "dynamic"
+            )
         else:
-            tp_passes.parallelize(model, tp_passes.TPConfig.from_dict({k: v for k, v in opts.items() if k != "inner"}))
+            tp_passes.parallelize(
+                model, tp_passes.TPConfig.from_dict({k: v for k, v in opts.items() if k != "inner"})
+            )
             fn = model
         x = ids(c["shape"])
         errors.append(_rel(fn(x), ref(x)))
@@ -145,8 +175,10 @@ def _run_batch(rank: int, world: int, configs: list[dict]) -> list[tuple[int, fl
 
 
 def _repro(c: dict) -> str:
-    return (f"TPP_FUZZ_SEED={SEED} TPP_FUZZ_ONLY={c['index']} "
-            f"python -m pytest -q tests/test_randomized.py -s   # {c}")
+    return (
+        f"TPP_FUZZ_SEED={SEED} TPP_FUZZ_ONLY={c['index']} "
+        f"python -m pytest -q tests/test_randomized.py -s   # {c}"
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -154,12 +186,15 @@ def test_randomized_differential(world, capsys):
     indices = [int(ONLY)] if ONLY is not None else range(COUNT)
     configs = [c for c in (make_config(SEED, i) for i in indices) if c["world"] == world]
     with capsys.disabled():
-        print(f"\n[tp_passes fuzz] seed={SEED} world={world}: {len(configs)} of {len(indices)} configs")
+        print(
+            f"\n[tp_passes fuzz] seed={SEED} world={world}: "
+            f"{len(configs)} of {len(indices)} configs"
+        )
     if not configs:
         pytest.skip(f"no config with world={world}")
     results = []
     for start in range(0, len(configs), BATCH):  # a stuck batch costs its own deadline only
-        batch = configs[start:start + BATCH]
+        batch = configs[start : start + BATCH]
         results += run_ranks(_run_batch, world, batch, timeout=60 + 20 * len(batch), pg_timeout=60)
     by_index = {c["index"]: c for c in configs}
     bad = []
@@ -170,5 +205,8 @@ def test_randomized_differential(world, capsys):
             if isinstance(outcome, str) or outcome > tol:
                 bad.append(f"{outcome}\n  repro: {_repro(c)}")
     with capsys.disabled():
-        print(f"[tp_passes fuzz] seed={SEED} world={world}: {len(configs)} configs, {len(bad)} mismatches")
+        print(
+            f"[tp_passes fuzz] seed={SEED} world={world}: "
+            f"{len(configs)} configs, {len(bad)} mismatches"
+        )
     assert not bad, "\n".join(sorted(set(bad))[:10])

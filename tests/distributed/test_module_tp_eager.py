@@ -12,20 +12,34 @@ ALL = {"oproj_tp": 2, "embedding_tp": 2, "lmhead_tp": 2, "mlp_tp": 2}
 
 
 def _eager(rank, world, sizes, shapes, dtype, model_kwargs, release):
-    cfg = ModelConfig(**{"vocab": 37, "intermediate": 26, "layers": 2, **model_kwargs})  # 37 % k != 0
+    cfg = ModelConfig(
+        **{"vocab": 37, "intermediate": 26, "layers": 2, **model_kwargs}
+    )  # 37 % k != 0
     ids = torch.randint(0, cfg.vocab, shapes[rank], generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         ref = RefLlama(cfg, None).to(dtype)(ids)  # pure DP: no TP group, all weights local
         model = RefLlama(cfg, None).to(dtype)
-        params_before = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
+        params_before = sum(
+            p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values()
+        )
         entries = tp_passes.parallelize(model, tp_passes.TPConfig(release_weights=release, **sizes))
         got = model(ids)
     rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     freed = sorted({e["module"] for e in entries})
     empty = [n for n, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
-    params_after = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
+    params_after = sum(
+        p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values()
+    )
     shapes = {n: list(p.shape) for n, p in model.state_dict().items()}
-    return rel, sorted(e["rewrite"] for e in entries), freed, empty, params_before, params_after, shapes
+    return (
+        rel,
+        sorted(e["rewrite"] for e in entries),
+        freed,
+        empty,
+        params_before,
+        params_after,
+        shapes,
+    )
 
 
 @pytest.mark.parametrize("world, k", [(2, 2), (4, 4), (4, 2)])
@@ -53,7 +67,9 @@ def test_hf_style_3d_tied_embeddings_biased_o_proj(merged):
 def test_parameters_become_the_shards():
     # the module's parameter *is* the shard (as parallelize_module would have it): no
     # zero-storage leftovers, and the parameter bytes per rank are halved at k = 2
-    res = run_ranks(_eager, 2, ALL, [(4,), (6,)], torch.float32, {"vocab": 96, "intermediate": 96}, True)
+    res = run_ranks(
+        _eager, 2, ALL, [(4,), (6,)], torch.float32, {"vocab": 96, "intermediate": 96}, True
+    )
     for rel, _, modules, empty, params_before, params_after, shapes in res:
         assert rel <= 1e-5
         assert empty == []

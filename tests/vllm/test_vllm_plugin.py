@@ -45,7 +45,9 @@ def test_bare_backend_selects_dynamo_trace_once(monkeypatch):
 
 
 def test_explicit_choices_are_kept(monkeypatch):
-    cfg = _config("tp_passes", monkeypatch, mode=CompilationMode.STOCK_TORCH_COMPILE, custom_ops=["all"])
+    cfg = _config(
+        "tp_passes", monkeypatch, mode=CompilationMode.STOCK_TORCH_COMPILE, custom_ops=["all"]
+    )
     select_compilation_mode(cfg)
     assert cfg.compilation_config.mode == CompilationMode.STOCK_TORCH_COMPILE
     assert cfg.compilation_config.custom_ops == ["all"]
@@ -71,19 +73,24 @@ def test_piecewise_mode_is_an_error(monkeypatch):
 
 def test_config_precedence(monkeypatch):
     cfg = _config("tp_passes", monkeypatch)
-    cfg.additional_config = {"finegrained_tp_config": {"oproj_tensor_parallel_size": 2},
-                             "tp_passes": {"flashcomm2": 0, "inner": "eager", "strict": True}}
+    cfg.additional_config = {
+        "finegrained_tp_config": {"oproj_tensor_parallel_size": 2},
+        "tp_passes": {"flashcomm2": 0, "inner": "eager", "strict": True},
+    }
     got = config_from_vllm(cfg, environ={"TP_PASSES_INNER": "inductor", "TP_PASSES_DUMP": "1"})
     assert (got.oproj_tp, got.inner, got.strict, got.dump) == (2, "eager", True, True)
     assert config_from_vllm(cfg, {"inner": "torchair"}, environ={}).inner == "torchair"
     assert config_from_vllm(_config("tp_passes", monkeypatch), environ={}) == TPConfig()
 
 
-@pytest.mark.parametrize("extra, match", [
-    ({"tp_passes": {"flashcom2": 1}}, "flashcom2"),
-    ({"tp_passes": {"flashcomm2": "two"}}, "flashcomm2"),
-    ({"tp_passes": [1]}, r"additional_config\['tp_passes'\]"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"tp_passes": {"flashcom2": 1}}, "flashcom2"),
+        ({"tp_passes": {"flashcomm2": "two"}}, "flashcomm2"),
+        ({"tp_passes": [1]}, r"additional_config\['tp_passes'\]"),
+    ],
+)
 def test_bad_config_names_the_key(monkeypatch, extra, match):
     cfg = _config("tp_passes", monkeypatch)
     cfg.additional_config = extra
@@ -104,4 +111,7 @@ def test_vllm_reduce_scatter_and_all_gather_are_counted_on_the_wire():
 
     gm = make_fx(f, tracing_mode="fake")(torch.empty(8, 4))
     rows = wire.collective_bytes(gm)  # f32 [8, 4] = 128 B in; [4, 4] = 64 B gathered
-    assert rows == [{"op": "reduce_scatter", "n": 2, "bytes": 64}, {"op": "all_gather", "n": 2, "bytes": 64}]
+    assert rows == [
+        {"op": "reduce_scatter", "n": 2, "bytes": 64},
+        {"op": "all_gather", "n": 2, "bytes": 64},
+    ]

@@ -14,7 +14,9 @@ def _compile_with_dump(rank, world):
     torch._dynamo.reset()
     model = RefLlama(ModelConfig(layers=2), dist.group.WORLD)
     with torch.no_grad():
-        torch.compile(model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1})(torch.arange(9))
+        torch.compile(
+            model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1}
+        )(torch.arange(9))
     return rank
 
 
@@ -25,18 +27,33 @@ def test_dump_writes_graphs_and_report(tmp_path):
         graph_dir = tmp_path / f"rank{rank}" / "graph000"
         files = sorted(p.name for p in graph_dir.iterdir())
         assert files == [
-            "00_aten.py", "01_after_flashcomm2.py", "02_after_reduce_scatter.py",
-            "03_after_sequence_parallel.py", "04_final.py", "report.json",
+            "00_aten.py",
+            "01_after_flashcomm2.py",
+            "02_after_reduce_scatter.py",
+            "03_after_sequence_parallel.py",
+            "04_final.py",
+            "report.json",
         ]
         before = (graph_dir / "00_aten.py").read_text()
         after = (graph_dir / "04_final.py").read_text()
-        assert "_c10d_functional.all_reduce" in before and "_c10d_functional.all_reduce" not in after
+        assert (
+            "_c10d_functional.all_reduce" in before and "_c10d_functional.all_reduce" not in after
+        )
         assert "all_to_all_single" in after
         report = json.loads((graph_dir / "report.json").read_text())
         assert report["rank"] == rank
         applied = [e for e in report["entries"] if e["applied"]]
         fc2 = [e for e in applied if e["rewrite"] == "flashcomm2"]
-        assert [e["module"] for e in fc2] == ["layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"]
+        assert [e["module"] for e in fc2] == [
+            "layers.0.self_attn.o_proj",
+            "layers.1.self_attn.o_proj",
+        ]
         assert {e["module"] for e in applied if e["rewrite"] == "mm_reduce_scatter"} == {
-            "layers.0.mlp.down_proj", "layers.1.mlp.down_proj"}
-        assert report["collectives"] == {"all_to_all_single": 2, "reduce_scatter_tensor": 3, "all_gather_into_tensor": 5}
+            "layers.0.mlp.down_proj",
+            "layers.1.mlp.down_proj",
+        }
+        assert report["collectives"] == {
+            "all_to_all_single": 2,
+            "reduce_scatter_tensor": 3,
+            "all_gather_into_tensor": 5,
+        }

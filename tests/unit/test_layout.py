@@ -100,7 +100,9 @@ def test_pp_gt_1_module_tp_is_not_the_pp_dp_tp_reshape():
 
 
 def test_biren_supernode_layout_from_islands():
-    L = RankLayout(16, tp=8, pp=2, islands=[[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]])
+    L = RankLayout(
+        16, tp=8, pp=2, islands=[[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]]
+    )
     assert L.tp_groups() == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]]
     assert L.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]]
     assert L.dp_groups() == [[r] for r in [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]]
@@ -125,7 +127,10 @@ def test_islands_keep_every_tp_group_inside_one_island():
         (dict(world_size=0), "world_size must be a positive int"),
         (dict(world_size=8, pp=3), "world_size=8.*pp=3"),
         (dict(world_size=8, pcp=-1), "pcp"),
-        (dict(world_size=8, tp=4, islands=[[0, 1, 2, 3, 4, 5], [6, 7]]), "islands\\[0\\] has 6 ranks.*tp=4"),
+        (
+            dict(world_size=8, tp=4, islands=[[0, 1, 2, 3, 4, 5], [6, 7]]),
+            "islands\\[0\\] has 6 ranks.*tp=4",
+        ),
         (dict(world_size=4, tp=2, islands=[[0, 1], [1, 2]]), "islands.*missing \\[3\\].*\\[1\\]"),
         (dict(world_size=4, tp=2, islands=[[0, 1], [2, 9]]), "islands.*out of range \\[9\\]"),
     ],

@@ -50,11 +50,14 @@ def test_not_a_mapping():
         TPConfig.from_dict([("oproj_tp", 2)])
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"world_size": 6, "tp": 4}, "world_size=6 is not divisible"),
-    ({"world_size": 4, "tp": 0}, "tp must be a positive int"),
-    ({"world_size": 4, "tp": 2, "islands": [[0, 1], [2, 2]]}, "islands must list every rank"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"world_size": 6, "tp": 4}, "world_size=6 is not divisible"),
+        ({"world_size": 4, "tp": 0}, "tp must be a positive int"),
+        ({"world_size": 4, "tp": 2, "islands": [[0, 1], [2, 2]]}, "islands must list every rank"),
+    ],
+)
 def test_layout_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RankLayout(**kwargs)
@@ -80,19 +83,33 @@ def _cases(rank, world):
     dp_model = lambda **kw: RefLlama(ModelConfig(layers=1, **kw), None)  # noqa: E731
     cases = {
         "init_groups world size": lambda: tp_passes.init_groups(TPConfig(), RankLayout(8, tp=8)),
-        "init_groups k does not divide dp": lambda: tp_passes.init_groups(TPConfig(lmhead_tp=3), RankLayout(world, dp=world)),
-        "init_groups flashcomm2 m": lambda: tp_passes.init_groups(TPConfig(flashcomm2=3), RankLayout(world, tp=world)),
+        "init_groups k does not divide dp": lambda: tp_passes.init_groups(
+            TPConfig(lmhead_tp=3), RankLayout(world, dp=world)
+        ),
+        "init_groups flashcomm2 m": lambda: tp_passes.init_groups(
+            TPConfig(flashcomm2=3), RankLayout(world, tp=world)
+        ),
         "init_groups differs across ranks": lambda: tp_passes.init_groups(
-            TPConfig(lmhead_tp=2 if rank == 0 else 0), RankLayout(world, dp=world)),
+            TPConfig(lmhead_tp=2 if rank == 0 else 0), RankLayout(world, dp=world)
+        ),
         "strict flashcomm2 size": lambda: _compile(tp_model(), ids, flashcomm2=3, strict=True),
-        "strict lm_head bias": lambda: _compile(dp_model(lm_head_bias=True), ids, lmhead_tp=2, strict=True),
+        "strict lm_head bias": lambda: _compile(
+            dp_model(lm_head_bias=True), ids, lmhead_tp=2, strict=True
+        ),
         "strict mlp bias": lambda: _compile(dp_model(mlp_bias=True), ids, mlp_tp=2, strict=True),
         "strict k does not divide dp": lambda: _compile(dp_model(), ids, mlp_tp=4, strict=True),
-        "strict uneven tokens": lambda: _compile(dp_model(), torch.arange(5 + rank), lmhead_tp=2, strict=True),
-        "graph config differs across ranks": lambda: _compile(dp_model(), ids, **({"mlp_tp": 2} if rank else {})),
+        "strict uneven tokens": lambda: _compile(
+            dp_model(), torch.arange(5 + rank), lmhead_tp=2, strict=True
+        ),
+        "graph config differs across ranks": lambda: _compile(
+            dp_model(), ids, **({"mlp_tp": 2} if rank else {})
+        ),
         "eager config differs across ranks": lambda: tp_passes.parallelize(
-            dp_model(), TPConfig(**({"mlp_tp": 2} if rank else {"oproj_tp": 2}))),
-        "eager strict o_proj already TP": lambda: tp_passes.parallelize(tp_model(), TPConfig(oproj_tp=2, strict=True)),
+            dp_model(), TPConfig(**({"mlp_tp": 2} if rank else {"oproj_tp": 2}))
+        ),
+        "eager strict o_proj already TP": lambda: tp_passes.parallelize(
+            tp_model(), TPConfig(oproj_tp=2, strict=True)
+        ),
         "bad option through torch.compile": lambda: _compile(tp_model(), ids, flashcomm2="one"),
         "init_groups then another layout": lambda: (
             tp_passes.init_groups(TPConfig(), RankLayout(world, tp=world)),

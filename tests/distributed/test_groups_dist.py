@@ -63,7 +63,10 @@ def test_init_groups_all_reduce_on_every_group(world):
 
 def _shared_groups(rank, world):
     reg = tp_passes.init_groups(TPConfig(oproj_tp=2, mlp_tp=2), RankLayout(world, dp=world))
-    return reg.groups["otp"].pg is reg.groups["mlptp"].pg and reg.groups["world"].pg is dist.group.WORLD
+    return (
+        reg.groups["otp"].pg is reg.groups["mlptp"].pg
+        and reg.groups["world"].pg is dist.group.WORLD
+    )
 
 
 def test_equal_groups_created_once():
@@ -103,9 +106,14 @@ def _bad_module_size(rank, world):
 
 def test_module_tp_size_not_dividing_dp():
     # the error names the config field, then the layout's reason
-    assert run_ranks(_bad_module_size, 4, timeout=60) == [
-        "tp_passes: TPConfig.oproj_tp=3 does not fit the layout: "
-        "RankLayout: module TP size k=3 does not divide dp=4"] * 4
+    assert (
+        run_ranks(_bad_module_size, 4, timeout=60)
+        == [
+            "tp_passes: TPConfig.oproj_tp=3 does not fit the layout: "
+            "RankLayout: module TP size k=3 does not divide dp=4"
+        ]
+        * 4
+    )
 
 
 def _get_before_init(rank, world):

@@ -5,25 +5,45 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compile_cost_bench_writes_json(tmp_path):
     out = tmp_path / "compile_cost.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "compile_cost.py"), "--layers", "8", "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "compile_cost.py"),
+            "--layers",
+            "8",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     data = json.loads(out.read_text())
     for rows in data["cases"].values():
         (row,) = rows
         assert row["layers"] == 8 and row["aten_nodes"] > 0
         assert 0 < row["rewrite_share_of_compile"] < 1
-        assert abs(row["rewrite_ms_per_1000_nodes"] - 1000 * row["rewrite_ms"] / row["aten_nodes"]) < 0.1
+        assert (
+            abs(row["rewrite_ms_per_1000_nodes"] - 1000 * row["rewrite_ms"] / row["aten_nodes"])
+            < 0.1
+        )
         assert row["rewrites_applied"] > 0
 
 
 def _run(script, out):
-    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
     return json.loads(out.read_text())
 
 
@@ -40,7 +60,15 @@ def test_memory_bench_matches_one_kth(tmp_path):
 def test_comm_bytes_bench_meets_the_analytic_minimum(tmp_path):
     rows = _run("comm_bytes.py", tmp_path / "comm_bytes.json")["rows"]
     cases = {r["case"] for r in rows}
-    assert {"sequence_parallel", "flashcomm2=1", "flashcomm2=2", "oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp"} <= cases
+    assert {
+        "sequence_parallel",
+        "flashcomm2=1",
+        "flashcomm2=2",
+        "oproj_tp",
+        "embedding_tp",
+        "lmhead_tp",
+        "mlp_tp",
+    } <= cases
     for r in rows:
         assert r["measured_bytes_per_rank"] >= r["analytic_min_bytes_per_rank"]
         if "note" not in r:

@@ -25,7 +25,11 @@ def expected_counts(name: str, world: int) -> dict:
     """Collectives the final graph must hold for a 2-layer model (embedding + 2x2 linears)."""
     n_ar = 1 + 2 * LAYERS
     if name in ("sp", "sp_unfused"):
-        return {"all_reduce": 0, "reduce_scatter_tensor": n_ar, "all_gather_into_tensor": 1 + 2 * LAYERS}
+        return {
+            "all_reduce": 0,
+            "reduce_scatter_tensor": n_ar,
+            "all_gather_into_tensor": 1 + 2 * LAYERS,
+        }
     if name == "fused_only":  # embedding all-reduce has no matmul: kept
         return {"all_reduce": 1, "reduce_scatter_tensor": 2 * LAYERS}
     if name == "fc2":
@@ -33,7 +37,11 @@ def expected_counts(name: str, world: int) -> dict:
     if name == "fc2_sp":
         return {"all_reduce": 0, "all_to_all_single": LAYERS, "reduce_scatter_tensor": 1 + LAYERS}
     if name == "fc2_m2":  # extra reduce_scatter over OTP per o_proj
-        return {"all_reduce": 0, "all_to_all_single": LAYERS, "reduce_scatter_tensor": 1 + 2 * LAYERS}
+        return {
+            "all_reduce": 0,
+            "all_to_all_single": LAYERS,
+            "reduce_scatter_tensor": 1 + 2 * LAYERS,
+        }
     return {"all_reduce": n_ar}
 
 
@@ -43,8 +51,12 @@ def _cases(rank, world, names, dtypes, shapes, model_kwargs, inner, backend=tp_p
         for dtype in dtypes:
             for shape in shapes:
                 torch._dynamo.reset()
-                model = RefLlama(ModelConfig(layers=LAYERS, **model_kwargs), dist.group.WORLD).to(dtype)
-                ids = torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(sum(shape)))
+                model = RefLlama(ModelConfig(layers=LAYERS, **model_kwargs), dist.group.WORLD).to(
+                    dtype
+                )
+                ids = torch.randint(
+                    0, 96, shape, generator=torch.Generator().manual_seed(sum(shape))
+                )
                 opts = dict(REWRITES[name], inner=inner, strict=True)
                 with torch.no_grad():
                     ref = model(ids)
@@ -65,13 +77,24 @@ def check(results, world):
             for op, n in expected_counts(name, world).items():
                 assert collectives.get(op, 0) == n, (name, op, collectives)
     # every rank saw the same plan
-    assert all([r[:3] + r[4:] for r in res] == [r[:3] + r[4:] for r in results[0]] for res in results)
+    assert all(
+        [r[:3] + r[4:] for r in res] == [r[:3] + r[4:] for r in results[0]] for res in results
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_each_rewrite_matches_original(world):
     names = ["sp", "sp_unfused", "fused_only", "fc2", "fc2_sp"] + (["fc2_m2"] if world == 4 else [])
-    res = run_ranks(_cases, world, names, [torch.float32, torch.bfloat16], [(1,), (7,), (64,)], {}, "eager", timeout=240)
+    res = run_ranks(
+        _cases,
+        world,
+        names,
+        [torch.float32, torch.bfloat16],
+        [(1,), (7,), (64,)],
+        {},
+        "eager",
+        timeout=240,
+    )
     check(res, world)
     assert {"sequence_parallel", "mm_reduce_scatter"} <= set(res[0][0][5])
     assert "flashcomm2" in res[0][len(names) * 6 - 1][5] or world == 2
@@ -81,13 +104,31 @@ def test_each_rewrite_matches_original(world):
 def test_biased_o_proj_rank0_only_and_3d_activations(world):
     # vLLM-style bias on TP rank 0 only; HF-style [B, S] ids -> [B, S, H] activations
     names = ["sp", "fc2", "fc2_sp"] + (["fc2_m2"] if world == 4 else [])
-    res = run_ranks(_cases, world, names, [torch.float32], [(2, 5), (3,)], {"o_proj_bias": True}, "eager", timeout=600)
+    res = run_ranks(
+        _cases,
+        world,
+        names,
+        [torch.float32],
+        [(2, 5), (3,)],
+        {"o_proj_bias": True},
+        "eager",
+        timeout=600,
+    )
     check(res, world)
 
 
 def test_in_place_dist_all_reduce_and_entry_point_backend():
     # dist.all_reduce(x) traces to all_reduce + copy_; backend by name through the entry point
-    res = run_ranks(_cases, 2, ["sp", "fc2_sp"], [torch.float32], [(7,)], {"inplace_all_reduce": True}, "eager", "tp_passes")
+    res = run_ranks(
+        _cases,
+        2,
+        ["sp", "fc2_sp"],
+        [torch.float32],
+        [(7,)],
+        {"inplace_all_reduce": True},
+        "eager",
+        "tp_passes",
+    )
     check(res, 2)
 
 
@@ -106,7 +147,9 @@ def test_inductor_inner_each_rewrite():
 def _dynamic(rank, world):
     torch._dynamo.reset()
     model = RefLlama(ModelConfig(layers=LAYERS), dist.group.WORLD)
-    compiled = torch.compile(model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1}, dynamic=True)
+    compiled = torch.compile(
+        model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1}, dynamic=True
+    )
     diffs = []
     with torch.no_grad():
         for T in (5, 33):
@@ -156,7 +199,9 @@ def _eager_vs_graph(rank, world, opts, shape, dtype):
     with torch.no_grad():
         original = RefLlama(cfg, dist.group.WORLD).to(dtype)
         ref = original(ids)
-        graph = torch.compile(original, backend=tp_passes_backend, options=dict(opts, inner="eager"))(ids)
+        graph = torch.compile(
+            original, backend=tp_passes_backend, options=dict(opts, inner="eager")
+        )(ids)
         eager_model = RefLlama(cfg, dist.group.WORLD).to(dtype)
         entries = tp_passes.parallelize(eager_model, tp_passes.TPConfig.from_dict(opts))
         eager = eager_model(ids)
@@ -168,15 +213,27 @@ def _eager_vs_graph(rank, world, opts, shape, dtype):
     )
 
 
-@pytest.mark.parametrize("world, opts", [
-    (2, {}), (4, {}), (2, {"flashcomm2": 1}), (4, {"flashcomm2": 1}), (4, {"flashcomm2": 2}),
-])
+@pytest.mark.parametrize(
+    "world, opts",
+    [
+        (2, {}),
+        (4, {}),
+        (2, {"flashcomm2": 1}),
+        (4, {"flashcomm2": 1}),
+        (4, {"flashcomm2": 2}),
+    ],
+)
 def test_eager_twin_matches_original_and_graph(world, opts):
     cases = [(s, d) for s in [(1,), (7,), (64,), (2, 5)] for d in (torch.float32, torch.bfloat16)]
     for per_rank in run_ranks(_eager_twin_cases, world, opts, cases, timeout=300):
         for (shape, dtype), (eager_vs_ref, eager_vs_graph, entries) in zip(cases, per_rank):
             tol = 1e-5 if dtype == torch.float32 else 2e-2
-            assert eager_vs_ref <= tol and eager_vs_graph <= tol, (shape, dtype, eager_vs_ref, eager_vs_graph)
+            assert eager_vs_ref <= tol and eager_vs_graph <= tol, (
+                shape,
+                dtype,
+                eager_vs_ref,
+                eager_vs_graph,
+            )
             kinds = {k for k, ok in entries if ok}
             assert ("flashcomm2" in kinds) == bool(opts), entries
             assert len(entries) == 2 * LAYERS
@@ -192,4 +249,6 @@ def test_torchair_inner_without_torchair_is_a_clear_error():
     model = torch.nn.Linear(4, 4)
     with pytest.raises(BackendCompilerFailed, match="inner='torchair' needs torchair"):
         with torch.no_grad():
-            torch.compile(model, backend=tp_passes_backend, options={"inner": "torchair"})(torch.ones(2, 4))
+            torch.compile(model, backend=tp_passes_backend, options={"inner": "torchair"})(
+                torch.ones(2, 4)
+            )

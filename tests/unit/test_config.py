@@ -122,4 +122,6 @@ def test_selection_defaults_exclusions_and_overrides():
     assert not selects(c, "oproj_tp", "visual.blocks.0.attn.o_proj")
     assert selects(TPConfig(include_draft_and_vision=True), "lmhead_tp", "model.mtp.0.lm_head")
     custom = TPConfig(module_names={"oproj_tp": ("c_proj",)})
-    assert selects(custom, "oproj_tp", "h.1.attn.c_proj") and not selects(custom, "oproj_tp", "h.1.attn.o_proj")
+    assert selects(custom, "oproj_tp", "h.1.attn.c_proj") and not selects(
+        custom, "oproj_tp", "h.1.attn.o_proj"
+    )

@@ -20,7 +20,7 @@ pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm
 pytestmark = pytest.mark.vllm
 
 LAYERS = 2
-SCRIPT = Path(__file__).parent / "vllm" / "generate.py"
+SCRIPT = Path(__file__).parent / "generate.py"
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)  # head_dim 32: the CPU attention kernels' smallest
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )  # head_dim 32: the CPU attention kernels' smallest
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -39,14 +46,26 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def _generate(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = None) -> dict:
     out, dump = tmp / f"{name}.json", tmp / f"dump_{name}"
-    env = {**os.environ, "TP_PASSES_DUMP": "1", "TP_PASSES_DUMP_DIR": str(dump),
-           "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"), **(env or {})}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(out), *flags], env=env,
-                          capture_output=True, text=True, timeout=400)
+    env = {
+        **os.environ,
+        "TP_PASSES_DUMP": "1",
+        "TP_PASSES_DUMP_DIR": str(dump),
+        "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(model), str(out), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
-    result["reports"] = {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
-                         for p in sorted(dump.glob("rank*/graph*/report.json"))}
+    result["reports"] = {
+        p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
+        for p in sorted(dump.glob("rank*/graph*/report.json"))
+    }
     result["dump"] = dump
     return result
 
@@ -61,13 +80,31 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
         "default": _generate(tiny_llama, tmp, "default"),
         "default_eager": _generate(tiny_llama, tmp, "default_eager", "--eager"),
         "tp_passes": _generate(tiny_llama, tmp, "tp_passes", "--backend", "tp_passes"),
-        "tp_passes_eager": _generate(tiny_llama, tmp, "tp_passes_eager", "--backend", "tp_passes", "--eager"),
+        "tp_passes_eager": _generate(
+            tiny_llama, tmp, "tp_passes_eager", "--backend", "tp_passes", "--eager"
+        ),
         # configured through additional_config and an env var: FlashComm2 cannot reshard
         # the CPU prepacked o_proj weight and must be skipped with that reason
-        "configured": _generate(tiny_llama, tmp, "configured", "--backend", "tp_passes", "--additional", FC2,
-                                env={"TP_PASSES_INNER": "eager"}),
-        "configured_eager": _generate(tiny_llama, tmp, "configured_eager", "--backend", "tp_passes", "--eager",
-                                      "--additional", FC2),
+        "configured": _generate(
+            tiny_llama,
+            tmp,
+            "configured",
+            "--backend",
+            "tp_passes",
+            "--additional",
+            FC2,
+            env={"TP_PASSES_INNER": "eager"},
+        ),
+        "configured_eager": _generate(
+            tiny_llama,
+            tmp,
+            "configured_eager",
+            "--backend",
+            "tp_passes",
+            "--eager",
+            "--additional",
+            FC2,
+        ),
     }
 
 
@@ -80,8 +117,15 @@ def _applied_per_layer(report: dict) -> dict[int, list[str]]:
     return per_layer
 
 
-@pytest.mark.parametrize("mode, baseline", [("tp_passes", "default"), ("tp_passes_eager", "default_eager"),
-                                            ("configured", "default"), ("configured_eager", "default_eager")])
+@pytest.mark.parametrize(
+    "mode, baseline",
+    [
+        ("tp_passes", "default"),
+        ("tp_passes_eager", "default_eager"),
+        ("configured", "default"),
+        ("configured_eager", "default_eager"),
+    ],
+)
 def test_tokens_equal_default_backend(runs, mode, baseline):
     tokens = runs[mode]["tokens"]
     assert len(tokens) == 4 and all(len(t) == 16 for t in tokens)
@@ -95,14 +139,18 @@ def test_reports_two_rewrites_per_layer_on_every_rank(runs, mode):
     for key, report in reports.items():
         for layer, applied in _applied_per_layer(report).items():
             assert len(applied) >= 2, (key, layer, report["entries"])
-        assert any(e["applied"] and e["module"].endswith("embed_tokens") for e in report["entries"]), key
+        assert any(
+            e["applied"] and e["module"].endswith("embed_tokens") for e in report["entries"]
+        ), key
 
 
 def test_compiled_graph_has_no_all_reduce_left(runs):
     """Every shm all-reduce became reduce_scatter + all_gather (embedding + 2 per layer)."""
     for key, report in runs["tp_passes"]["reports"].items():
-        assert report["collectives"] == {"reduce_scatter_tensor": 2 * LAYERS + 1,
-                                         "all_gather_into_tensor": 2 * LAYERS + 1}, key
+        assert report["collectives"] == {
+            "reduce_scatter_tensor": 2 * LAYERS + 1,
+            "all_gather_into_tensor": 2 * LAYERS + 1,
+        }, key
         final = next((runs["tp_passes"]["dump"] / key).glob("*_final.py")).read_text()
         assert "shm_allreduce" not in final and "reduce_scatter_tensor" in final
         first = next((runs["tp_passes"]["dump"] / key).glob("00_aten.py")).read_text()
@@ -116,4 +164,6 @@ def test_config_reaches_workers_and_flashcomm2_skipped_on_prepacked_weight(runs,
         assert report["config"]["inner"] == ("eager" if mode == "configured" else "inductor")
         fc2 = [e for e in report["entries"] if e["rewrite"] == "flashcomm2"]
         assert len(fc2) == LAYERS, (key, report["entries"])
-        assert all(not e["applied"] and e["blocked"] and "prepacked" in e["reason"] for e in fc2), fc2
+        assert all(not e["applied"] and e["blocked"] and "prepacked" in e["reason"] for e in fc2), (
+            fc2
+        )

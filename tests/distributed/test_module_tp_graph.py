@@ -20,13 +20,28 @@ def _graph(rank, world, k, dtype, shape, model_kwargs, opts):
         ref = model(ids)
         options = {"inner": "eager", "strict": True, **{kind: k for kind in KINDS}, **opts}
         got = torch.compile(model, backend="tp_passes", options=options)(ids)
-        again = torch.compile(model, backend="tp_passes", options=options)(ids) if opts.get("release_weights") else got
+        again = (
+            torch.compile(model, backend="tp_passes", options=options)(ids)
+            if opts.get("release_weights")
+            else got
+        )
     rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     rep = all_reports()[-1]
     applied = sorted(e.rewrite for e in rep.entries if e.applied)
-    sizes = [(e.details["weight_bytes_before"], e.details["weight_bytes_after"]) for e in rep.entries if e.applied]
+    sizes = [
+        (e.details["weight_bytes_before"], e.details["weight_bytes_after"])
+        for e in rep.entries
+        if e.applied
+    ]
     empty = sorted(n for n, p in model.named_parameters() if p.untyped_storage().nbytes() == 0)
-    return rel, applied, rep.collectives, sizes, empty, (again.float() - ref.float()).abs().max().item()
+    return (
+        rel,
+        applied,
+        rep.collectives,
+        sizes,
+        empty,
+        (again.float() - ref.float()).abs().max().item(),
+    )
 
 
 @pytest.mark.parametrize("world, k", [(2, 2), (4, 4), (4, 2)])
@@ -37,7 +52,14 @@ def test_graph_matches_original(world, k, dtype):
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         for rel, applied, collectives, *_ in res:
             assert rel <= tol, (shape, rel)
-            assert applied == ["embedding_tp", "lmhead_tp", "mlp_tp", "mlp_tp", "oproj_tp", "oproj_tp"]
+            assert applied == [
+                "embedding_tp",
+                "lmhead_tp",
+                "mlp_tp",
+                "mlp_tp",
+                "oproj_tp",
+                "oproj_tp",
+            ]
             assert collectives.get("all_to_all_single") == 2 + 1  # 2 o_proj + lm_head
 
 
@@ -57,7 +79,15 @@ def test_tied_embeddings_share_one_shard():
 
 def test_release_weights_keeps_one_kth():
     # vocab and widths divisible by k: the shards are exactly 1/k of the full weights
-    res = run_ranks(_graph, 2, 2, torch.float32, (8,), {"vocab": 96, "intermediate": 96}, {"release_weights": True})
+    res = run_ranks(
+        _graph,
+        2,
+        2,
+        torch.float32,
+        (8,),
+        {"vocab": 96, "intermediate": 96},
+        {"release_weights": True},
+    )
     for rel, applied, _, sizes, empty, again in res:
         assert rel <= 1e-5 and again <= 1e-5  # a recompile reuses the shards
         assert all(after * 2 == before for before, after in sizes), sizes

@@ -28,8 +28,11 @@ def _compile(model, **opts):
 
 def _tp_groups(world, tp, strided=False):
     """Create every TP group (collective, same order everywhere); return mine."""
-    lists = [list(range(i, world, world // tp)) for i in range(world // tp)] if strided else \
-        [list(range(i, i + tp)) for i in range(0, world, tp)]
+    lists = (
+        [list(range(i, world, world // tp)) for i in range(world // tp)]
+        if strided
+        else [list(range(i, i + tp)) for i in range(0, world, tp)]
+    )
     mine = None
     for ranks in lists:
         pg = dist.new_group(ranks)
@@ -146,15 +149,20 @@ def _eager_vs_graph(rank, world, model_kwargs, sizes, tp):
     return eager, graph, eager_applied, graph_applied
 
 
-@pytest.mark.parametrize("model_kwargs, sizes, tp", [
-    ({"lm_head_bias": True}, {"lmhead_tp": 2}, 1),
-    ({"mlp_bias": True}, {"mlp_tp": 2}, 1),
-    ({"act": "gelu"}, {"mlp_tp": 2}, 1),
-    ({}, {"oproj_tp": 2}, 2),
-])
+@pytest.mark.parametrize(
+    "model_kwargs, sizes, tp",
+    [
+        ({"lm_head_bias": True}, {"lmhead_tp": 2}, 1),
+        ({"mlp_bias": True}, {"mlp_tp": 2}, 1),
+        ({"act": "gelu"}, {"mlp_tp": 2}, 1),
+        ({}, {"oproj_tp": 2}, 2),
+    ],
+)
 def test_5_eager_decides_like_the_graph_path(model_kwargs, sizes, tp):
     world = 2 * tp
-    for eager, graph, eager_applied, graph_applied in run_ranks(_eager_vs_graph, world, model_kwargs, sizes, tp):
+    for eager, graph, eager_applied, graph_applied in run_ranks(
+        _eager_vs_graph, world, model_kwargs, sizes, tp
+    ):
         assert eager < 1e-5 and graph < 1e-5
         assert eager_applied == graph_applied
 
@@ -261,7 +269,9 @@ def _diverging_graph(rank, world):
 
 def _diverging_eager(rank, world):
     model = RefLlama(ModelConfig(layers=1), None)
-    tp_passes.parallelize(model, tp_passes.TPConfig(**({"mlp_tp": 2} if rank == 0 else {"oproj_tp": 2})))
+    tp_passes.parallelize(
+        model, tp_passes.TPConfig(**({"mlp_tp": 2} if rank == 0 else {"oproj_tp": 2}))
+    )
     model(_ids((5,)))
 
 
@@ -371,7 +381,9 @@ def _after_release(rank, world):
         ref = RefLlama(ModelConfig(layers=1), None)(ids)
         compiled = _compile(model, lmhead_tp=2, mlp_tp=2, release_weights=True)
         rel = _rel(compiled(ids), ref)
-        again = _rel(compiled(_ids((9,), rank)), RefLlama(ModelConfig(layers=1), None)(_ids((9,), rank)))
+        again = _rel(
+            compiled(_ids((9,), rank)), RefLlama(ModelConfig(layers=1), None)(_ids((9,), rank))
+        )
     w = model.lm_head.weight
     errors = []
     for what in (model.state_dict, lambda: model.to(torch.bfloat16)):

