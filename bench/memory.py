@@ -1,6 +1,7 @@
 """Weight bytes per rank after module TP, for DeepSeek-V3 shapes on the meta device.
 
-Shapes (DESIGN §8): hidden 7168, 128 heads x 128 v_head_dim (o_proj input 16384), vocab
+Shapes (DeepSeek-V3's config.json): hidden 7168, 128 heads x 128 v_head_dim (o_proj input
+16384), vocab
 129280, 61 layers, of which the first 3 have a dense MLP (intermediate 18432); the MoE
 layers' experts are not touched by module TP. Weights are bf16 on the meta device (no
 memory is allocated); shards are made by the same code the rewrites use

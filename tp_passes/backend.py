@@ -12,6 +12,7 @@ the derived weights (extra graph inputs) on every call.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,12 +86,14 @@ def rewrite_graph(
     refused: dict[str, str] | None = None,
     dumper: Dumper | None = None,
     owners: list[tuple[Any, str] | None] | None = None,
+    rewrites: Sequence[Rewrite] = REWRITES,
 ) -> Rewritten:
     """Apply every registered rewrite `config` enables to `gm` in place (collective: every
     rank of the graph's groups calls it). `inputs`: real tensors of the graph inputs
     (weights; default: the placeholders' fake values, so weight rewrites skip).
     `input_names`: their module paths. `refused`: rewrite name -> why the host cannot run
-    it. `owners`: (module, attribute) per input, for `release_weights`."""
+    it. `owners`: (module, attribute) per input, for `release_weights`. `rewrites`: the
+    registry to run (default `tp_passes.patterns.REWRITES`), in priority order."""
     phs = list(gm.graph.find_nodes(op="placeholder"))
     fakes = [p.meta.get("val") for p in phs]
     cx = GraphContext(
@@ -103,7 +106,7 @@ def rewrite_graph(
     )
     dumper = dumper or Dumper(False, "", 0)
     cx.sites = find_sites(gm, cx.input_names)
-    found: Found = [(rw, rw.find(cx)) for rw in REWRITES]
+    found: Found = [(rw, rw.find(cx)) for rw in rewrites]
     for rw, ms in found:
         for m in ms:
             m.reason = m.reason or (refused or {}).get(rw.name, "")
