@@ -1,12 +1,11 @@
 """Weight bytes per rank after module TP, for DeepSeek-V3 shapes on the meta device.
 
-Shapes (DeepSeek-V3's config.json): hidden 7168, 128 heads x 128 v_head_dim (o_proj input
-16384), vocab
-129280, 61 layers, of which the first 3 have a dense MLP (intermediate 18432); the MoE
-layers' experts are not touched by module TP. Weights are bf16 on the meta device (no
-memory is allocated); shards are made by the same code the rewrites use
-(`weights.derive` with a "shard" spec) on a fake process group of k ranks, and their
-bytes are compared with the analytic full/k.
+Shapes (DeepSeek-V3's config.json): hidden 7168, 128 heads x 128 v_head_dim (o_proj
+input 16384), vocab 129280, 61 layers, of which the first 3 have a dense MLP
+(intermediate 18432); the MoE layers' experts are not touched by module TP. Weights are
+bf16 on the meta device (no memory is allocated); shards are made by the same code the
+rewrites use (`weights.derive` with a "shard" spec) on a fake process group of k ranks,
+and their bytes are compared with the analytic full/k.
 
     python bench/memory.py [--out bench/out/memory.json]
 """
