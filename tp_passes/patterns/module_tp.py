@@ -231,7 +231,7 @@ class ModuleTP(Rewrite):
         args = [m.x, *nodes] + ([m.bias] if m.bias is not None else [])
         out = splice(
             cx.graph,
-            self.forward(m, g, k, j, val(m.weights[0]).shape[0]),
+            self.forward(m, g, k, j, m.derived[0].source.shape[0]),
             args,
             m.out,
             cx.fake_mode,
@@ -501,14 +501,8 @@ def parallelize_modules(cands: list[ModuleCandidate]) -> list[Entry]:
     forwards run the spliced graphs. Collective: groups and shards, in candidate order."""
     todo = [c for c in cands if c.match.apply]
     for c in todo:  # groups first, in agreed order, then one `materialize` for all shards
-        c.match.group = module_tp_group(c.rewrite.group, c.match.size, c.cx.layout)
-        full = [c.module.get_parameter(leaf) for leaf in c.leaves]
-        c.match.derived = [
-            weights.Derived(
-                f"{c.path}.{leaf}", weights.WeightSpec(kind, dim, c.match.group.pg), w, w
-            )
-            for leaf, w, (kind, dim) in zip(c.leaves, full, c.rewrite.shard_specs(c.match))
-        ]
+        c.cx.inputs = [c.module.get_parameter(leaf) for leaf in c.all_leaves]
+        c.rewrite.plan_weights(c.match, c.cx)
     weights.materialize([d for c in todo for d in c.match.derived])
     shards: dict[tuple, nn.Parameter] = {}  # (id(full), spec key) -> shard: tied share one
     entries = []
