@@ -26,7 +26,7 @@ from tp_passes.config import TPConfig  # noqa: E402
 from tp_passes.eager import parallelize  # noqa: E402
 from tp_passes.report import all_reports  # noqa: E402
 from tp_passes.vllm.eager import as_vllm_row_parallel  # noqa: E402
-from conftest import vllm_cpu_has_shm_all_reduce
+from conftest import vllm_cpu_has_shm_all_reduce  # noqa: E402
 from tp_passes.testing import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.vllm
