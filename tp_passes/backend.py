@@ -16,19 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from tp_passes import inputs as graph_inputs
-from tp_passes import weights, wire
+from tp_passes import weights
 from tp_passes.config import TPConfig, resolve_host
 from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks, describe_layout, outside_compile
-from tp_passes.lowering import KEEP_UNDECOMPOSED, decompose_kept
+from tp_passes.lowering import KEEP_UNDECOMPOSED, decompose_kept, inner_compile
 from tp_passes.patterns import REWRITES, GraphContext, Match, Rewrite, find_sites
-from tp_passes.report import Dumper, Entry, GraphReport, count_matmuls, next_graph_id, rank, record
+from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
 
 Found = list[tuple[Rewrite, list[Match]]]
 
@@ -136,7 +135,7 @@ def rewrite_graph(
             dumper.graph(f"after_{stage}", gm)
     gm.graph.lint()
     gm.recompile()
-    read = _reads(cx)
+    read = cx.read_inputs()
     weights.refuse_reading_released(cx.inputs, cx.input_names, read)
     if config.release_weights:
         owner_of = {id(t): o for t, o in zip(cx.inputs, owners or []) if o is not None}
@@ -150,31 +149,6 @@ def rewrite_graph(
         cx.checked_groups,
         describe_layout(cx.layout, cx.layout_reason),
     )
-
-
-def _reads(cx: GraphContext) -> set[int]:
-    """ids of the real inputs the graph still reads."""
-    phs = list(cx.graph.find_nodes(op="placeholder"))
-    return {id(cx.inputs[i]) for i, p in enumerate(phs[: len(cx.inputs)]) if p.users}
-
-
-def _inner(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    if config.inner == "eager":
-        return make_boxed_func(gm.forward)
-    if config.inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx_inner
-
-        return compile_fx_inner(gm, example_inputs)
-    try:
-        import torchair
-    except ImportError:
-        raise RuntimeError(
-            "tp_passes: inner='torchair' needs torchair (Ascend), which is not installed; "
-            "use inner='inductor' or 'eager'"
-        ) from None
-    return make_boxed_func(torchair.get_npu_backend()(gm, example_inputs))
 
 
 def tp_passes_backend(
@@ -200,9 +174,7 @@ def tp_passes_backend(
         report = GraphReport(next_graph_id(), rank(), config=config.to_dict())
         dumper = Dumper(config.dump, config.dump_dir, report.graph_id)
         dumper.graph("aten", aten_gm)
-        report.wire_bytes_before = wire.total(wire.collective_bytes(aten_gm))
-        report.nodes = len(aten_gm.graph.nodes)
-        report.matmuls_before = count_matmuls(aten_gm)
+        report.measure_before(aten_gm)
         fake_mode = detect_fake_mode(inputs)
         done = Rewritten([], [], [])
         if dist.is_available() and dist.is_initialized():
@@ -225,43 +197,22 @@ def tp_passes_backend(
         phs = list(aten_gm.graph.find_nodes(op="placeholder"))
         weights.note_read([t for t, p in zip(real, phs) if p.users])
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in bound.values]
-        report.collectives = wire.collective_counts(aten_gm)
-        report.matmuls_after = count_matmuls(aten_gm)
-        report.wire_rows = wire.collective_bytes(aten_gm)
-        report.wire_bytes_after = wire.total(report.wire_rows)
-        compiled = _inner(config, aten_gm, list(inputs) + fakes)
+        report.measure_after(aten_gm)
+        compiled = inner_compile(config, aten_gm, list(inputs) + fakes)
         dumper.graph("final", aten_gm)
         dumper.report(report)
         record(report)
-        check_groups = list(done.checked_groups.values()) if config.strict else []
-        if not bound.derived:
-            return compiled
-
-        def run(args: list[Any]) -> Any:
-            for pg in check_groups:  # module TP exchanges tokens: equal counts or a hang
-                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-                agree_across_ranks(
-                    shapes, "input shapes (token counts) across a module TP group", group=pg
-                )
-            return compiled(list(args) + bound.check())
-
-        run._boxed_call = True  # type: ignore[attr-defined]
-        return run
+        checked = list(done.checked_groups.values()) if config.strict else []
+        return bound.wrap(compiled, checked) if bound.derived else compiled
 
     def training(aten_gm: fx.GraphModule, inputs: list[Any]):
         report = GraphReport(next_graph_id(), rank())
-        report.entries.append(
-            Entry(
-                "all",
-                "",
-                False,
-                "training graph: tp_passes rewrites inference graphs only (use torch.no_grad())",
-            )
-        )
+        why = "training graph: tp_passes rewrites inference graphs only (use torch.no_grad())"
+        report.entries.append(Entry("all", "", False, why))
         record(report)
         if decomps is not None:
             decompose_kept(aten_gm, decomps, detect_fake_mode(inputs))
-        return _inner(config, aten_gm, inputs)
+        return inner_compile(config, aten_gm, inputs)
 
     return aot_autograd(
         fw_compiler=training, inference_compiler=inference, decompositions=aot_decomps

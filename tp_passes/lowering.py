@@ -1,4 +1,4 @@
-"""Device-specific lowering of fused matmul + reduce-scatter.
+"""Lowering: device-specific fused matmul + reduce-scatter, kept activations, the inner compiler.
 
 `mm_reduce_scatter_impl` returns a function with the signature ``fn(x, w, group, n)``
 computing ``reduce_scatter(pad(x) @ w.T)``; the rewrite traces whichever one the device
@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from tp_passes import comm
+from tp_passes.config import TPConfig
 
 NPU_MAX_GROUP = 8  # torch_npu.npu_mm_reduce_scatter_base supports at most 8 ranks
 
@@ -77,3 +79,23 @@ def decompose_kept(gm: torch.fx.GraphModule, table: dict, fake_mode: Any) -> Non
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.recompile()
+
+
+def inner_compile(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
+    """Compile the rewritten graph with `config.inner`: Inductor, eager, or torchair."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    if config.inner == "eager":
+        return make_boxed_func(gm.forward)
+    if config.inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        return compile_fx_inner(gm, example_inputs)
+    try:
+        import torchair
+    except ImportError:
+        raise RuntimeError(
+            "tp_passes: inner='torchair' needs torchair (Ascend), which is not installed; "
+            "use inner='inductor' or 'eager'"
+        ) from None
+    return make_boxed_func(torchair.get_npu_backend()(gm, example_inputs))

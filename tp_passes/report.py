@@ -42,6 +42,23 @@ class GraphReport:
     matmuls_after: int = 0
     layout: str = ""  # the rank layout the plan ran on, and where it came from
 
+    def measure_before(self, gm: fx.GraphModule) -> None:
+        """Size, matmuls and bytes on the wire of the graph the rewrites receive."""
+        from tp_passes import wire
+
+        self.wire_bytes_before = wire.total(wire.collective_bytes(gm))
+        self.nodes = len(gm.graph.nodes)
+        self.matmuls_before = count_matmuls(gm)
+
+    def measure_after(self, gm: fx.GraphModule) -> None:
+        """Collectives, matmuls and bytes on the wire of the final graph."""
+        from tp_passes import wire
+
+        self.collectives = wire.collective_counts(gm)
+        self.matmuls_after = count_matmuls(gm)
+        self.wire_rows = wire.collective_bytes(gm)
+        self.wire_bytes_after = wire.total(self.wire_rows)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "graph": self.graph_id,

@@ -249,6 +249,22 @@ class BoundWeights:
         self.values = [d.value for d in self.derived]
         _LIVE.append(weakref.ref(self))
 
+    def wrap(self, compiled: Any, checked_groups: list[Any]) -> Any:
+        """A boxed callable: `compiled` with the derived weights appended to its inputs.
+        `checked_groups`: module TP groups whose ranks must bring equal input shapes
+        (token counts), checked every call (strict=True) instead of hanging."""
+        from tp_passes.groups.registry import agree_across_ranks
+
+        def run(args: list[Any]) -> Any:
+            for pg in checked_groups:
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                what = "input shapes (token counts) across a module TP group"
+                agree_across_ranks(shapes, what, group=pg)
+            return compiled(list(args) + self.check())
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
     def check(self) -> list[torch.Tensor]:
         """The values to pass; re-shard sources updated in place (local, no collective)."""
         for i, d in enumerate(self.derived):

@@ -132,6 +132,11 @@ class GraphContext:
         """The site's matmul, unless an earlier rewrite replaces it."""
         return None if site.matmul is None or site.matmul.mm in self.taken else site.matmul
 
+    def read_inputs(self) -> set[int]:
+        """ids of the real inputs the graph still reads."""
+        phs = list(self.graph.find_nodes(op="placeholder"))
+        return {id(self.inputs[i]) for i, p in enumerate(phs[: len(self.inputs)]) if p.users}
+
     def bind(self, d: weights.Derived) -> fx.Node:
         """A new graph input for derived weight `d` (bound at run time by the driver)."""
         last = list(self.graph.find_nodes(op="placeholder"))[-1]
