@@ -27,7 +27,15 @@ from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks, describe_layout, outside_compile
 from tp_passes.lowering import KEEP_UNDECOMPOSED, decompose_kept, inner_compile
 from tp_passes.patterns import REWRITES, GraphContext, Match, Rewrite, find_sites
-from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
+from tp_passes.report import (
+    Dumper,
+    Entry,
+    GraphReport,
+    next_graph_id,
+    rank,
+    record,
+    refuse_blocked,
+)
 
 Found = list[tuple[Rewrite, list[Match]]]
 
@@ -115,12 +123,7 @@ def rewrite_graph(
         for m, f in zip(ms, per_match):
             rw.decide(m, f, cx)
     entries = [e for _, ms in found for m in ms for e in m.entries]
-    blocked = [e for e in entries if e.blocked]
-    if config.strict and blocked:  # same on every rank: decided from agreed inputs
-        raise RuntimeError(
-            "tp_passes (strict): rewrites that cannot be applied safely: "
-            + "; ".join(f"{e.rewrite} at {e.module or '?'}: {e.reason}" for e in blocked)
-        )
+    refuse_blocked(entries, config.strict)
     applied = [(rw, m) for rw, ms in found for m in ms if m.apply]
     outside_compile(_plan_weights, cx, applied)
     for i, (rw, ms) in enumerate(found):

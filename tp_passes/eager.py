@@ -33,7 +33,7 @@ from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.patterns import REWRITES, FlashComm2, GraphContext, ModuleTP, SequenceParallel
 from tp_passes.patterns.module_tp import find_module_candidates, parallelize_modules, selects
-from tp_passes.report import Entry
+from tp_passes.report import Entry, refuse_blocked
 
 
 def _as_is(y: torch.Tensor) -> torch.Tensor:
@@ -115,11 +115,7 @@ def parallelize(
         for c in cands
         if not c.match.apply
     ]
-    if config.strict and entries:
-        raise RuntimeError(
-            "tp_passes (strict): "
-            + "; ".join(f"{e.rewrite} at {e.module}: {e.reason}" for e in entries)
-        )
+    refuse_blocked(entries, config.strict)
     entries += parallelize_modules(cands)
     rewritten = tuple(c.path for c in cands if c.match.apply)
     cx = GraphContext(None, config, [], [], None, layout=layout, layout_reason=why)
@@ -147,12 +143,9 @@ def _row_parallel(
             if not blocker:
                 entries.append(fc2.parallelize(name, module, rp, cx))
                 continue
-            entry = Entry(
-                fc2.name, name, False, blocker, dist.get_world_size(rp.group), blocked=True
-            )
-            if cx.config.strict:
-                raise RuntimeError(f"tp_passes (strict): {entry.rewrite} at {name}: {entry.reason}")
-            entries.append(entry)
+            n = dist.get_world_size(rp.group)
+            entries.append(Entry(fc2.name, name, False, blocker, n, blocked=True))
+            refuse_blocked(entries[-1:], cx.config.strict)
         if (entry := sp.parallelize(name, module, rp, cx, device_type)) is not None:
             entries.append(entry)
     return entries

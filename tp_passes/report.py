@@ -89,6 +89,17 @@ class GraphReport:
         )
 
 
+def refuse_blocked(entries: list[Entry], strict: bool) -> None:
+    """strict=True turns rewrites that cannot be applied safely into an error. Entries are
+    decided from inputs agreed across ranks, so every rank raises together."""
+    blocked = [e for e in entries if e.blocked]
+    if strict and blocked:
+        raise RuntimeError(
+            "tp_passes (strict): rewrites that cannot be applied safely: "
+            + "; ".join(f"{e.rewrite} at {e.module or '?'}: {e.reason}" for e in blocked)
+        )
+
+
 _REPORTS: list[GraphReport] = []
 _GRAPH_IDS = itertools.count()
 
