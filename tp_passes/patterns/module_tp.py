@@ -150,6 +150,17 @@ class ModuleTP(Rewrite):
                 m.reason = "weight has no real tensor at compile time (cannot shard it)"
         return found
 
+    def eager_target(self, config: Any, path: str, module: nn.Module) -> torch.Tensor | None:
+        """Eager path: the weight that shapes the traced input when `config` selects
+        `module` (at `path`) for this rewrite, else None."""
+        w = getattr(module, "weight", None)
+        ok = self.size(config) and isinstance(w, torch.Tensor) and selects(config, self.name, path)
+        return w if ok else None
+
+    def example_input(self, w: torch.Tensor) -> torch.Tensor:
+        """Eager path: an input to trace the module with (3 tokens; the count is symbolic)."""
+        return torch.zeros(3, w.shape[1], dtype=w.dtype)
+
     def matches(
         self, by_path: dict[str, fx.Node], config: Any, reduced: set[fx.Node]
     ) -> list[ModuleMatch]:
@@ -270,6 +281,9 @@ class OProjTP(ModuleTP):
 class EmbeddingTP(ModuleTP):
     name, group = "embedding_tp", "embedtp"
 
+    def example_input(self, w):
+        return torch.zeros(3, dtype=torch.int64)  # token ids
+
     def matches(self, by_path, config, reduced):
         out = []
         for path, w in by_path.items():
@@ -314,6 +328,14 @@ class LMHeadTP(ModuleTP):
 class MLPTP(ModuleTP):
     name, group = "mlp_tp", "mlptp"
     bias_reason = "MLP with biases is not supported"
+
+    def eager_target(self, config, path, module):
+        names = mlp_names(module) if self.size(config) else None
+        if names is None or excluded(path, config.include_draft_and_vision):
+            return None
+        if config.names_for(self.name, ()) and not selects(config, self.name, path):
+            return None
+        return getattr(module, names[0]).weight  # the up projection: [I, H]
 
     def matches(self, by_path, config, reduced):
         out = []
@@ -447,32 +469,13 @@ def find_module_candidates(
     """Every module a module TP rewrite selects and its finder accepts (no collective)."""
     out = []
     for path, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        chosen = [
-            r
-            for r in rewrites
-            if r.size(config)
-            and isinstance(w, torch.Tensor)
-            and not isinstance(r, MLPTP)
-            and selects(config, r.name, path)
+        targets = [
+            (r, w) for r in rewrites if (w := r.eager_target(config, path, module)) is not None
         ]
-        names = mlp_names(module) if config.mlp_tp else None
-        if (
-            names
-            and not excluded(path, config.include_draft_and_vision)
-            and (not config.names_for("mlp_tp", ()) or selects(config, "mlp_tp", path))
-        ):
-            chosen += [r for r in rewrites if isinstance(r, MLPTP)]
-            w = getattr(module, names[0]).weight
-        if not chosen:
+        if not targets:
             continue
-        rewrite = chosen[0]
-        embedding = isinstance(rewrite, EmbeddingTP)
-        x = (
-            torch.zeros(3, dtype=torch.int64)
-            if embedding
-            else torch.zeros(3, w.shape[1], dtype=w.dtype)
-        )
+        rewrite, w = targets[0]  # registry order is the priority, as on the graph path
+        x = rewrite.example_input(w)
         gm, leaves = _trace(module, x)
         names_in = [f"{path}.{n}" for n in leaves] + ["x"]
         found = rewrite.matches(_weights_by_path(gm, names_in), config, reduced_matmuls(gm.graph))
