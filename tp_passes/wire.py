@@ -33,68 +33,57 @@ def _nbytes(t: Any) -> int:
     return numel * t.element_size()
 
 
-def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str, Any]]:
-    """One row per collective node (of a graph, or of some nodes): `name` (the op, every
-    all-reduce dialect as ``all_reduce``), `op` (its ring algorithm), group size `n` and
-    `bytes` sent per rank (0 for a functional collective this table does not model)."""
+def _classify(node: fx.Node) -> tuple[str, dict[str, Any] | None] | None:
+    """(name, row) of a collective node, else None. `name` is the op (every all-reduce
+    dialect is ``all_reduce``); `row` is its ring algorithm, group size and bytes sent per
+    rank, None for a functional collective this table does not model."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    rows = []
-    for node in nodes.graph.nodes if isinstance(nodes, fx.GraphModule) else nodes:
-        if node.op != "call_function":
-            continue
-        t, name = node.target, str(node.target)
-        if t == c10d.all_reduce.default or (ar := as_all_reduce(node)) is not None:
-            # any all-reduce op (functional, vLLM custom op, CPU shm): (tensor, group)
-            tensor, group = (
-                (node.args[0], node.args[2])
-                if t == c10d.all_reduce.default
-                else (ar.partial, ar.group_name)
-            )
-            n, s = _resolve_process_group(group).size(), _nbytes(val(tensor))
-            rows.append(
-                {"name": "all_reduce", "op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n}
-            )
-        elif t in (c10d.reduce_scatter_tensor.default, custom_op("vllm", "reduce_scatter")):
-            n = node.args[2]  # vllm.reduce_scatter(x, dim, world_size, group_name)
-            rows.append(
-                {
-                    "name": name.split(".")[1],
-                    "op": "reduce_scatter",
-                    "n": n,
-                    "bytes": (n - 1) * _nbytes(val(node.args[0])) // n,
-                }
-            )
-        elif t in (c10d.all_gather_into_tensor.default, custom_op("vllm", "all_gather")):
-            n = node.args[1] if t == c10d.all_gather_into_tensor.default else node.args[2]
-            rows.append(
-                {
-                    "name": name.split(".")[1],
-                    "op": "all_gather",
-                    "n": n,
-                    "bytes": (n - 1) * _nbytes(val(node.args[0])),
-                }
-            )
-        elif t == c10d.all_to_all_single.default:
-            n = _resolve_process_group(node.args[3]).size()
-            rows.append(
-                {
-                    "name": "all_to_all_single",
-                    "op": "all_to_all",
-                    "n": n,
-                    "bytes": (n - 1) * _nbytes(val(node.args[0])) // n,
-                }
-            )
-        elif name.startswith("_c10d_functional.") and "wait" not in name:
-            rows.append({"name": name.split(".")[1], "op": name.split(".")[1], "n": 0, "bytes": 0})
-    return rows
+    if node.op != "call_function":
+        return None
+    t, name = node.target, str(node.target)
+    if t == c10d.all_reduce.default or (ar := as_all_reduce(node)) is not None:
+        # any all-reduce op (functional, vLLM custom op, CPU shm): (tensor, group)
+        tensor, group = (
+            (node.args[0], node.args[2])
+            if t == c10d.all_reduce.default
+            else (ar.partial, ar.group_name)
+        )
+        n, s = _resolve_process_group(group).size(), _nbytes(val(tensor))
+        return "all_reduce", {"op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n}
+    if t in (c10d.reduce_scatter_tensor.default, custom_op("vllm", "reduce_scatter")):
+        n = node.args[2]  # vllm.reduce_scatter(x, dim, world_size, group_name)
+        row = {"op": "reduce_scatter", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n}
+        return name.split(".")[1], row
+    if t in (c10d.all_gather_into_tensor.default, custom_op("vllm", "all_gather")):
+        n = node.args[1] if t == c10d.all_gather_into_tensor.default else node.args[2]
+        row = {"op": "all_gather", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0]))}
+        return name.split(".")[1], row
+    if t == c10d.all_to_all_single.default:
+        n = _resolve_process_group(node.args[3]).size()
+        row = {"op": "all_to_all", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n}
+        return "all_to_all_single", row
+    if name.startswith("_c10d_functional.") and "wait" not in name:
+        return name.split(".")[1], None
+    return None
 
 
-def collective_counts(gm: fx.GraphModule) -> dict[str, int]:
-    """Collectives of a graph by op name (``reduce_scatter_tensor``, ``all_reduce``, ...)."""
+def _nodes(nodes: fx.GraphModule | Iterable[fx.Node]) -> Iterable[fx.Node]:
+    return nodes.graph.nodes if isinstance(nodes, fx.GraphModule) else nodes
+
+
+def collective_bytes(nodes: fx.GraphModule | Iterable[fx.Node]) -> list[dict[str, Any]]:
+    """One row per collective node (of a graph, or of some nodes): op, group size n, bytes
+    sent per rank."""
+    return [c[1] for node in _nodes(nodes) if (c := _classify(node)) is not None and c[1]]
+
+
+def collective_counts(nodes: fx.GraphModule | Iterable[fx.Node]) -> dict[str, int]:
+    """Collectives by op name (``reduce_scatter_tensor``, ``all_reduce``, ...)."""
     counts: dict[str, int] = {}
-    for row in collective_bytes(gm):
-        counts[row["name"]] = counts.get(row["name"], 0) + 1
+    for node in _nodes(nodes):
+        if (c := _classify(node)) is not None:
+            counts[c[0]] = counts.get(c[0], 0) + 1
     return counts
 
 
