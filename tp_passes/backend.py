@@ -25,7 +25,12 @@ from tp_passes import weights
 from tp_passes.config import TPConfig, resolve_host
 from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks, describe_layout, outside_compile
-from tp_passes.lowering import KEEP_UNDECOMPOSED, decompose_kept, inner_compile
+from tp_passes.lowering import (
+    KEEP_UNDECOMPOSED,
+    decompose_kept,
+    inductor_options,
+    inner_compile,
+)
 from tp_passes.patterns import REWRITES, GraphContext, Match, Rewrite, find_sites
 from tp_passes.report import (
     Dumper,
@@ -217,6 +222,7 @@ def tp_passes_backend(
             decompose_kept(aten_gm, decomps, detect_fake_mode(inputs))
         return inner_compile(config, aten_gm, inputs)
 
-    return aot_autograd(
-        fw_compiler=training, inference_compiler=inference, decompositions=aot_decomps
-    )(gm, example_inputs)
+    with inductor_options(host.inductor_options):
+        return aot_autograd(
+            fw_compiler=training, inference_compiler=inference, decompositions=aot_decomps
+        )(gm, example_inputs)

@@ -243,6 +243,10 @@ class Host:
     name: str
     config: TPConfig
     refused: Mapping[str, str] = field(default_factory=dict)
+    # Inductor settings the framework compiles with when it compiles without us (vLLM's
+    # `inductor_compile_config`): the inner compile uses them too, so the graphs we leave
+    # alone compile exactly as they would have
+    inductor_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 HostProvider = Callable[[Mapping[str, Any] | None], Host | None]

@@ -38,10 +38,11 @@ def show_groups(world: int) -> None:
 
 
 BACKEND_CASES = {
-    "sequence_parallel (defaults)": {},
+    "auto (defaults)": {},
+    "sequence_parallel=True": {"sequence_parallel": True},
     "flashcomm2=1": {"flashcomm2": 1, "sequence_parallel": False},
-    "flashcomm2=1 + SP": {"flashcomm2": 1},
-    "flashcomm2=2 + SP": {"flashcomm2": 2},
+    "flashcomm2=1 + SP": {"flashcomm2": 1, "sequence_parallel": True},
+    "flashcomm2=2 + SP": {"flashcomm2": 2, "sequence_parallel": True},
 }
 
 
@@ -65,9 +66,11 @@ def _compile_on_rank(rank: int, world: int, tokens: int, cases: dict) -> list[di
         for e in rep.entries:
             if e.applied:
                 applied[e.rewrite] = applied.get(e.rewrite, 0) + 1
+        site = next(e for e in rep.entries if e.module.endswith("o_proj"))
         out.append(
             {
                 "case": name,
+                "choice": (site.module, site.details.get("cost", {})),
                 "applied": applied,
                 "collectives": rep.collectives,
                 "bytes_before": rep.wire_bytes_before,
@@ -94,6 +97,10 @@ def show_backend(world: int, tokens: int) -> None:
         moved = f"{row['bytes_before']:,} -> {row['bytes_after']:,}"
         print(f"  {row['case']:28s} {applied:52s} {moved:28s} {diff:.2e}")
         print(f"  {'':28s} collectives: {row['collectives']}")
+        module, c = row["choice"]
+        if c.get("predicted_us"):
+            predicted = ", ".join(f"{k} {v:.0f} us" for k, v in c["predicted_us"].items())
+            print(f"  {'':28s} cost model at {module}: {predicted} -> {c['chosen']}")
 
 
 DP_CONFIG = dict(

@@ -10,7 +10,8 @@ decomposed on every rank: the choice must be the same on all ranks of the group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -79,6 +80,16 @@ def decompose_kept(gm: torch.fx.GraphModule, table: dict, fake_mode: Any) -> Non
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.recompile()
+
+
+def inductor_options(options: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+    """`torch._inductor.config.patch` with the host's Inductor settings (aot_autograd reads
+    some of them too, e.g. which auto_functionalized form to emit). Keys this torch does
+    not know are left out, as Inductor would reject them."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy().keys()
+    return inductor_config.patch({k: v for k, v in options.items() if k in known})
 
 
 def inner_compile(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):

@@ -11,12 +11,12 @@ from tp_passes.testing import RankFailure, run_ranks
 
 LAYERS = 2
 REWRITES = {
-    "sp": {},  # defaults: sequence_parallel + mm_reduce_scatter "auto"
-    "sp_unfused": {"fuse_mm_reduce_scatter": False},
+    "sp": {"sequence_parallel": True},  # mm_reduce_scatter "auto": fused where SP applies
+    "sp_unfused": {"sequence_parallel": True, "fuse_mm_reduce_scatter": False},
     "fused_only": {"sequence_parallel": False, "fuse_mm_reduce_scatter": True},
     "fc2": {"flashcomm2": 1, "sequence_parallel": False},
-    "fc2_sp": {"flashcomm2": 1},
-    "fc2_m2": {"flashcomm2": 2},
+    "fc2_sp": {"flashcomm2": 1, "sequence_parallel": True},
+    "fc2_m2": {"flashcomm2": 2, "sequence_parallel": True},
     "off": {"sequence_parallel": False, "fuse_mm_reduce_scatter": False},
 }
 

@@ -15,7 +15,9 @@ def _compile_with_dump(rank, world):
     model = RefLlama(ModelConfig(layers=2), dist.group.WORLD)
     with torch.no_grad():
         torch.compile(
-            model, backend=tp_passes_backend, options={"inner": "eager", "flashcomm2": 1}
+            model,
+            backend=tp_passes_backend,
+            options={"inner": "eager", "flashcomm2": 1, "sequence_parallel": True},
         )(torch.arange(9))
     return rank
 

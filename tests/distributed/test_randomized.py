@@ -56,7 +56,7 @@ def make_config(seed: int, i: int) -> dict:
     )
     opts: dict = {}
     if tp > 1:
-        opts["sequence_parallel"] = r.choice(["auto", "auto", False])
+        opts["sequence_parallel"] = r.choice(["auto", True, False])
         opts["fuse_mm_reduce_scatter"] = r.choice(["auto", False, True])
         if r.random() < 0.5:
             opts["flashcomm2"] = r.choice([1, 2] if tp == 4 else [1])

@@ -8,14 +8,22 @@ from tp_passes.backend import tp_passes_backend
 from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, reset_reports
 
+SP = {"sequence_parallel": True}  # the fake group has no cost figures: "auto" keeps
+
 
 @pytest.mark.parametrize("fake_world", [16, 32], indirect=True)
 @pytest.mark.parametrize(
     "opts, expect",
     [
-        ({}, {"all_reduce": 0, "reduce_scatter_tensor": 5, "all_gather_into_tensor": 5}),
-        ({"flashcomm2": 1}, {"all_reduce": 0, "all_to_all_single": 2, "reduce_scatter_tensor": 3}),
-        ({"flashcomm2": 4}, {"all_reduce": 0, "all_to_all_single": 2, "reduce_scatter_tensor": 5}),
+        (SP, {"all_reduce": 0, "reduce_scatter_tensor": 5, "all_gather_into_tensor": 5}),
+        (
+            {"flashcomm2": 1, **SP},
+            {"all_reduce": 0, "all_to_all_single": 2, "reduce_scatter_tensor": 3},
+        ),
+        (
+            {"flashcomm2": 4, **SP},
+            {"all_reduce": 0, "all_to_all_single": 2, "reduce_scatter_tensor": 5},
+        ),
     ],
 )
 def test_structure_at_scale(fake_world, opts, expect):

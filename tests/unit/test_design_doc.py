@@ -45,14 +45,15 @@ def test_worked_example_adds_a_rewrite(fake_world):
     gm = make_fx(f, tracing_mode="fake")(*inputs)
     assert collective_counts(gm) == {"all_reduce": 2}
     names = ["x", "layers.0.o_proj.weight", "r"]
-    done = rewrite_graph(gm, TPConfig(), inputs, names, rewrites=registry)
+    sp = TPConfig(sequence_parallel=True)  # the fake group has no cost figures
+    done = rewrite_graph(gm, sp, inputs, names, rewrites=registry)
     applied = sorted((e.rewrite, e.module) for e in done.entries if e.applied)
     assert applied == [("drop_trivial_all_reduce", "layers.0.o_proj"), ("sequence_parallel", "")]
     # the trivial all-reduce is gone, the world one became reduce_scatter + all_gather
     assert collective_counts(gm) == {"reduce_scatter_tensor": 1, "all_gather_into_tensor": 1}
     # without the new entry, the one-rank all-reduce stays (sequence parallelism skips it)
     gm = make_fx(f, tracing_mode="fake")(*inputs)
-    done = rewrite_graph(gm, TPConfig(), inputs, names)
+    done = rewrite_graph(gm, sp, inputs, names)
     assert collective_counts(gm)["all_reduce"] == 1
     (skip,) = [e for e in done.entries if e.module == "layers.0.o_proj"]
     assert skip.reason == "all-reduce over a group of size 1"

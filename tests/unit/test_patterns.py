@@ -51,6 +51,8 @@ def _tp_block(x, w_o, res, w_norm, w_q):
     return torch.mm(n, w_q.t())
 
 
+SP = TPConfig(sequence_parallel=True)  # the fake group has no cost figures: "auto" keeps
+
 TP_NAMES = [
     "x",
     "layers.0.self_attn.o_proj.weight",
@@ -134,7 +136,7 @@ def test_find_sites_normalizes_the_all_reduce(fake_world):
 
 def test_sequence_parallel_replaces_the_all_reduce(fake_world):
     gm = _trace(_tp_block, *_tp_inputs(fake_world))
-    done = rewrite_graph(gm, TPConfig(inner="eager"), _tp_inputs(fake_world), TP_NAMES)
+    done = rewrite_graph(gm, SP, _tp_inputs(fake_world), TP_NAMES)
     applied = sorted(e.rewrite for e in done.entries if e.applied)
     assert applied == ["mm_reduce_scatter", "sequence_parallel"]
     assert collective_counts(gm) == {"reduce_scatter_tensor": 1, "all_gather_into_tensor": 1}
@@ -166,7 +168,7 @@ def test_flashcomm2_takes_the_site_before_sequence_parallel(fake_world):
     n = fake_world
     inputs = _tp_inputs(n)
     gm = _trace(_tp_block, *inputs)
-    done = rewrite_graph(gm, TPConfig(flashcomm2=1), inputs, TP_NAMES)
+    done = rewrite_graph(gm, TPConfig(flashcomm2=1, sequence_parallel=True), inputs, TP_NAMES)
     assert [(e.rewrite, e.applied) for e in done.entries] == [("flashcomm2", True)]
     assert collective_counts(gm) == {"all_to_all_single": 1, "all_gather_into_tensor": 1}
     (w,) = done.derived  # the o_proj weight gathered over ODP: [H, A]
@@ -177,7 +179,9 @@ def test_flashcomm2_takes_the_site_before_sequence_parallel(fake_world):
 
 def test_flashcomm2_size_that_does_not_divide_is_refused(fake_world):
     gm = _trace(_tp_block, *_tp_inputs(fake_world))
-    done = rewrite_graph(gm, TPConfig(flashcomm2=3), _tp_inputs(fake_world), TP_NAMES)
+    done = rewrite_graph(
+        gm, TPConfig(flashcomm2=3, sequence_parallel=True), _tp_inputs(fake_world), TP_NAMES
+    )
     fc2 = next(e for e in done.entries if e.rewrite == "flashcomm2")
     assert not fc2.applied and fc2.blocked and "flashcomm2=3 must divide" in fc2.reason
     # the site stays with sequence parallelism
@@ -188,7 +192,7 @@ def test_bare_graph_module_without_real_weights(fake_world):
     """The driver runs on a bare GraphModule (as an Inductor pass would): rewrites that
     need real weights skip with that reason, the others apply."""
     gm = _trace(_tp_block, *_tp_inputs(fake_world))
-    done = rewrite_graph(gm, TPConfig(flashcomm2=1), input_names=TP_NAMES)
+    done = rewrite_graph(gm, TPConfig(flashcomm2=1, sequence_parallel=True), input_names=TP_NAMES)
     fc2 = next(e for e in done.entries if e.rewrite == "flashcomm2")
     assert not fc2.applied and "no real tensor" in fc2.reason, fc2
     assert any(e.rewrite == "sequence_parallel" and e.applied for e in done.entries)

@@ -185,6 +185,7 @@ def _rank(rank, world, dialect, dtype, tokens, options):
 
 
 N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
+FC2_SP = {"flashcomm2": 1, "sequence_parallel": True}
 
 
 @pytest.mark.parametrize(
@@ -200,7 +201,7 @@ N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
     ],
 )
 def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
-    res = _ranks(_rank, world, dialect, dtype, tokens, {})
+    res = _ranks(_rank, world, dialect, dtype, tokens, {"sequence_parallel": True})
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for r in res:
         assert r["diff"] <= tol, r["diff"]
@@ -220,7 +221,7 @@ def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
 
 
 def test_flashcomm2_on_vllm_all_reduce_dialect():
-    res = _ranks(_rank, 2, "vllm.all_reduce", torch.float32, 7, {"flashcomm2": 1})
+    res = _ranks(_rank, 2, "vllm.all_reduce", torch.float32, 7, FC2_SP)
     for r in res:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "flashcomm2")
@@ -237,7 +238,7 @@ def test_flashcomm2_on_vllm_all_reduce_dialect():
 
 
 def test_flashcomm2_skipped_on_prepacked_cpu_weights():
-    res = _ranks(_rank, 2, "shm", torch.float32, 7, {"flashcomm2": 1})
+    res = _ranks(_rank, 2, "shm", torch.float32, 7, FC2_SP)
     for r in res:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = [(m, ok, why) for rw, m, ok, why in r["entries"] if rw == "flashcomm2"]

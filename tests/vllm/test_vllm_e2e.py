@@ -73,7 +73,7 @@ def _generate(model: Path, tmp: Path, name: str, *flags: str, env: dict | None =
     return result
 
 
-FC2 = json.dumps({"tp_passes": {"flashcomm2": 1}})
+FC2 = json.dumps({"tp_passes": {"flashcomm2": 1, "sequence_parallel": True}})
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
             tiny_llama, tmp, "tp_passes_eager", "--backend", "tp_passes", "--eager"
         ),
         # configured through additional_config and an env var: FlashComm2 cannot reshard
-        # the CPU prepacked o_proj weight and must be skipped with that reason
+        # the CPU prepacked o_proj weight and must be skipped with that reason; sequence
+        # parallelism is forced on (the cost model keeps vLLM's all-reduce on CPU)
         "configured": _generate(
             tiny_llama,
             tmp,
@@ -135,7 +136,7 @@ def test_tokens_equal_default_backend(runs, mode, baseline):
     assert tokens == runs[baseline]["tokens"]
 
 
-@pytest.mark.parametrize("mode", ["tp_passes", "tp_passes_eager", "configured", "configured_eager"])
+@pytest.mark.parametrize("mode", ["configured", "configured_eager"])
 def test_reports_two_rewrites_per_layer_on_every_rank(runs, mode):
     reports = runs[mode]["reports"]
     assert sorted({k.split("/")[0] for k in reports}) == ["rank0", "rank1"], sorted(reports)
@@ -147,16 +148,38 @@ def test_reports_two_rewrites_per_layer_on_every_rank(runs, mode):
         ), key
 
 
+@pytest.mark.parametrize("mode", ["tp_passes", "tp_passes_eager"])
+def test_auto_keeps_vllm_all_reduce_on_cpu(runs, mode):
+    """No configuration: the cost model keeps every all-reduce (compiled: one graph serves
+    every token count, and sharding pays at none of the small ones on CPU; eager: two
+    collectives for the bytes of one), and each site's entry says so with its costs."""
+    for key, report in runs[mode]["reports"].items():
+        sp = [e for e in report["entries"] if e["rewrite"] == "sequence_parallel"]
+        assert len(sp) == 2 * LAYERS + 1, (key, sp)  # embedding + o_proj, down_proj per layer
+        for e in sp:
+            assert not e["applied"] and e["reason"].startswith("auto"), e
+            assert e["details"]["cost"]["chosen"] == "all_reduce", e
+        if mode == "tp_passes":
+            assert report["collectives"] == {"all_reduce": 2 * LAYERS + 1}, key
+            for e in sp:
+                c = e["details"]["cost"]
+                assert c["tokens"].startswith("dynamic") and set(c["predicted_us"]) == {
+                    "all_reduce",
+                    "sequence_parallel",
+                }, c
+
+
 def test_compiled_graph_has_no_all_reduce_left(runs):
-    """Every shm all-reduce became reduce_scatter + all_gather (embedding + 2 per layer)."""
-    for key, report in runs["tp_passes"]["reports"].items():
+    """With sequence parallelism forced, every all-reduce became reduce_scatter + all_gather
+    (embedding + 2 per layer)."""
+    for key, report in runs["configured"]["reports"].items():
         assert report["collectives"] == {
             "reduce_scatter_tensor": 2 * LAYERS + 1,
             "all_gather_into_tensor": 2 * LAYERS + 1,
         }, key
-        final = next((runs["tp_passes"]["dump"] / key).glob("*_final.py")).read_text()
+        final = next((runs["configured"]["dump"] / key).glob("*_final.py")).read_text()
         assert "shm_allreduce" not in final and "reduce_scatter_tensor" in final
-        first = next((runs["tp_passes"]["dump"] / key).glob("00_aten.py")).read_text()
+        first = next((runs["configured"]["dump"] / key).glob("00_aten.py")).read_text()
         # vLLM's CPU builds without the shm all-reduce (no AVX-512) fall back to
         # torch.distributed's all_reduce, which Dynamo writes as the functional op
         op = (

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tp_passes import comm, weights, wire
+from tp_passes import comm, cost, weights, wire
 from tp_passes.fx import describe_producer
 from tp_passes.groups.registry import flashcomm2_groups
 from tp_passes.patterns.base import (
@@ -40,7 +40,13 @@ from tp_passes.patterns.base import (
     weight_bytes,
 )
 from tp_passes.patterns.module_tp import selects
-from tp_passes.patterns.sequence_parallel import Sharded, TokenSharding
+from tp_passes.patterns.sequence_parallel import (
+    Sharded,
+    TokenSharding,
+    site_links,
+    site_shape,
+    token_range,
+)
 from tp_passes.report import Entry
 
 
@@ -84,13 +90,34 @@ class FlashComm2(Rewrite):
         m.any_bias = any(facts)
         m.reason = m.reason or self.blocker(m.site, cx)
         m.apply = not m.reason
-        details = {"dialect": m.site.ar.dialect}
+        details = {"dialect": m.site.ar.dialect, "cost": self.predicted(m, cx).to_json()}
         if m.apply:
             details["m"] = cx.config.flashcomm2
             cx.taken.add(m.site.ar.result)
         m.entries.append(
             Entry(self.name, m.module, m.apply, m.reason, m.size, details, blocked=not m.apply)
         )
+
+    def predicted(self, m: SiteMatch, cx: GraphContext) -> cost.Choice:
+        """The cost model's figures for this site. FlashComm2 is configured, not chosen by
+        "auto" (it trades weight memory for bytes), so the choice is the configuration's."""
+        site, mo = m.site, cx.config.flashcomm2
+        chosen = "flashcomm2" if m.apply else "all_reduce"
+        why = f"flashcomm2={mo} (configured)" if m.apply else m.reason
+        links = site_links(site)
+        if isinstance(links, str) or site.matmul is None or flashcomm2_size_error(mo, site.n):
+            return cost.Choice(chosen, {}, "", {}, why=why)
+        keep, new = links
+        shape, (lo, hi) = site_shape(site, cx), token_range(site)
+        t = hi if hi < cost.MAX_TOKENS else lo
+        cols = int(site.matmul.x.meta["val"].shape[-1])
+        predicted = {
+            "all_reduce": cost.keep_us(shape, t, keep),
+            "flashcomm2": cost.flashcomm2_us(shape, t, new, cols, mo),
+        }
+        links_used = {"all_reduce": keep.name, "flashcomm2": new.name}
+        label = str(lo) if lo == hi else f"dynamic [{lo}, ...]"
+        return cost.Choice(chosen, predicted, label, links_used, why=why)
 
     def plan_weights(self, m: SiteMatch, cx: GraphContext) -> None:
         mm = m.site.matmul

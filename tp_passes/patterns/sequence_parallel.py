@@ -41,10 +41,17 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tp_passes import comm
+from tp_passes import comm, cost
 from tp_passes.fx import VIEW_OPS, Matmul, c10d, is_call, splice, val
 from tp_passes.lowering import mm_reduce_scatter_impl
-from tp_passes.patterns.base import GraphContext, Match, Rewrite, Site, SiteMatch
+from tp_passes.patterns.base import (
+    GraphContext,
+    Match,
+    Rewrite,
+    Site,
+    SiteMatch,
+    resolve_group,
+)
 from tp_passes.report import Entry
 
 aten = torch.ops.aten
@@ -269,6 +276,105 @@ class _NotRowWise(Exception):
     pass
 
 
+# -- what the cost model needs to know about a site -----------------------------------------
+
+
+def token_range(site: Site) -> tuple[int, int]:
+    """(lo, hi) of the site's token count: equal for a static graph; a dynamic one's range
+    from the shape environment (hi = cost.MAX_TOKENS when unbounded)."""
+    shape = val(site.ar.partial).shape
+    rows = math.prod(shape[:-1])
+    if isinstance(rows, int):
+        return rows, rows
+    r = rows.node.shape_env.bound_sympy(rows.node.expr)
+    lo = int(r.lower) if r.lower.is_finite else 1
+    hi = int(r.upper) if r.upper.is_finite else cost.MAX_TOKENS
+    return max(lo, 1), min(hi, cost.MAX_TOKENS)
+
+
+def _rows_equal(node: fx.Node, rows: Any) -> bool:
+    v = val(node)
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and _same(math.prod(v.shape[:-1]), rows)
+
+
+def _bytes_per_row(node: fx.Node) -> int:
+    v = val(node)
+    return int(v.shape[-1]) * v.element_size() if isinstance(v.shape[-1], int) else 0
+
+
+def rowwise_bytes_per_token(site: Site, other_results: set[fx.Node]) -> int:
+    """Memory traffic per token of the row-wise ops after the reduce (what sequence
+    parallelism runs on T/n tokens), as a fusing compiler moves it: token-sized values read
+    from outside the region plus values written to users outside it. The region stops
+    where another site's reduced value comes in (that site's region)."""
+    start = site.ar.result
+    rows = math.prod(val(start).shape[:-1])
+    region, order = {start}, [start]
+    for node in order:
+        for user in node.users:
+            if user in region or any(a in other_results for a in user.all_input_nodes):
+                continue
+            t = user.target
+            if t in UNARY or t in BINARY or t in LAST_DIM_REDUCE or t in VIEW_OPS:
+                if _rows_equal(user, rows):
+                    region.add(user)
+                    order.append(user)
+    traffic = _bytes_per_row(start)  # the reduced value, read once
+    for node in order[1:]:
+        if node.target in VIEW_OPS:
+            continue
+        for a in node.all_input_nodes:
+            if a not in region and _rows_equal(a, rows):
+                traffic += _bytes_per_row(a)
+        if any(u not in region for u in node.users):
+            traffic += _bytes_per_row(node)
+    return traffic
+
+
+def backend_of(group_name: str, device_type: str) -> str:
+    """torch's backend of a group on a device: "gloo", "nccl", "hccl", "fake", ..."""
+    import torch.distributed as dist
+
+    name = str(dist.get_backend(resolve_group(group_name)))
+    for part in name.split(","):  # "cpu:gloo,cuda:nccl"
+        dev, _, backend = part.rpartition(":")
+        if not dev or dev == device_type:
+            return backend
+    return name
+
+
+def site_shape(site: Site, cx: GraphContext) -> cost.SiteShape:
+    v = val(site.ar.partial)
+    mm = site.matmul
+    flops = 2 * int(val(mm.x).shape[-1]) * int(v.shape[-1]) if mm is not None else 0
+    others = {s.ar.result for s in cx.sites if s is not site}
+    return cost.SiteShape(
+        site.n, int(v.shape[-1]), v.element_size(), rowwise_bytes_per_token(site, others), flops
+    )
+
+
+def site_links(site: Site) -> tuple[cost.Link, cost.Link] | str:
+    """(link of the original all-reduce, link of the rewritten collectives), or why the
+    cost model has no figures for them."""
+    device = val(site.ar.partial).device.type
+    backend = backend_of(site.ar.group_name, device)
+    keep = cost.transport(site.ar.dialect, backend)
+    for name in (keep, backend):
+        if name not in cost.LINKS:
+            return f"no cost figures for transport {name!r}"
+    return cost.LINKS[keep], cost.LINKS[backend]
+
+
+def choose(site: Site, cx: GraphContext, setting: Any) -> cost.Choice:
+    """The cost model's choice at `site` (see `tp_passes.cost`)."""
+    links = site_links(site)
+    if isinstance(links, str):
+        chosen = "sequence_parallel" if setting is True else "all_reduce"
+        why = f"sequence_parallel={setting}" if setting != "auto" else links + "; auto keeps it"
+        return cost.Choice(chosen, {}, "", {}, why=why)
+    return cost.choose_sequence_parallel(site_shape(site, cx), token_range(site), *links, setting)
+
+
 class SequenceParallel(Rewrite):
     """Every all-reduce no earlier rewrite took becomes reduce_scatter (fused with its
     matmul where the device has a kernel), and `finish` keeps the residual stream
@@ -285,28 +391,55 @@ class SequenceParallel(Rewrite):
         m.any_bias = any(facts)
         if site.ar.result in cx.taken:  # an earlier rewrite (FlashComm2) produces it
             return
-        sp_on = cfg.sequence_parallel in (True, "auto")
-        fuse_on = cfg.fuse_mm_reduce_scatter in (True, "auto")
         mm = cx.matmul(site)
 
-        def entry(rewrite: str, ok: bool, why: str = "") -> None:
-            m.entries.append(
-                Entry(rewrite, m.module, ok, why, m.size, {"dialect": site.ar.dialect})
-            )
+        def entry(rewrite: str, ok: bool, why: str = "", **details: Any) -> None:
+            details["dialect"] = site.ar.dialect
+            m.entries.append(Entry(rewrite, m.module, ok, why, m.size, details))
 
         if site.n == 1 or site.reason:
             entry(self.name, False, site.reason or "all-reduce over a group of size 1")
-        elif sp_on or (cfg.fuse_mm_reduce_scatter is True and mm is not None):
+            return
+        choice = self.choices(cx)[site.ar.result]
+        sp_on = choice.chosen == "sequence_parallel"
+        fuse_on = cfg.fuse_mm_reduce_scatter is True or (
+            cfg.fuse_mm_reduce_scatter == "auto" and sp_on
+        )
+        if sp_on or (fuse_on and mm is not None):
             m.apply, m.fuse = True, fuse_on and mm is not None
             cx.taken.add(site.ar.result)
-            if sp_on:
-                entry(self.name, True)
-            if mm is not None:
-                entry(
-                    "mm_reduce_scatter", fuse_on, "" if fuse_on else "fuse_mm_reduce_scatter=False"
-                )
-        else:
-            entry(self.name, False, "sequence_parallel=False")
+        entry(self.name, sp_on, "" if sp_on else choice.why, cost=choice.to_json())
+        if m.apply and mm is not None:
+            entry("mm_reduce_scatter", fuse_on, "" if fuse_on else "fuse_mm_reduce_scatter=False")
+
+    def choices(self, cx: GraphContext) -> dict[fx.Node, cost.Choice]:
+        """The cost model's choice at every site this rewrite may take, made once per graph.
+
+        The residual stream connects the sites: a token-sharded stream reaching a site that
+        kept its all-reduce must be gathered there (an extra collective). So "auto" makes
+        one choice for the graph: where the per-site predictions disagree, the alternative
+        with the smaller predicted total is taken everywhere."""
+        if "sp_choices" in cx.shared:
+            return cx.shared["sp_choices"]
+        setting = cx.config.sequence_parallel
+        sites = [s for s in cx.sites if s.n > 1 and not s.reason and s.ar.result not in cx.taken]
+        out = {s.ar.result: choose(s, cx, setting) for s in sites}
+        picked = {c.chosen for c in out.values()}
+        if setting == "auto" and len(picked) > 1:
+            totals = {
+                alt: sum(c.predicted_us.get(alt, math.inf) for c in out.values())
+                for alt in ("all_reduce", "sequence_parallel")
+            }
+            best = min(totals, key=totals.get)
+            for c in out.values():
+                if c.chosen != best:
+                    c.chosen = best
+                    c.why = (
+                        f"auto: one choice for the graph's residual stream, {best} "
+                        f"(predicted totals: {cost._fmt(totals)}); this site alone: {c.why}"
+                    )
+        cx.shared["sp_choices"] = out
+        return out
 
     def replace(self, m: SiteMatch, cx: GraphContext) -> None:
         site, mm = m.site, cx.matmul(m.site)
@@ -344,7 +477,10 @@ class SequenceParallel(Rewrite):
         sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
 
     def finish(self, cx: GraphContext, matches: list[SiteMatch]) -> str | None:
-        sp = cx.config.sequence_parallel in (True, "auto")
+        chosen = [c.chosen for c in self.choices(cx).values()]
+        sp = "sequence_parallel" in chosen or (
+            not chosen and cx.config.sequence_parallel is not False
+        )
         n_sharded = TokenSharding.of(cx).run(propagate=sp)
         for e in (e for m in matches for e in m.entries):
             if e.rewrite == self.name and e.applied:
@@ -359,9 +495,19 @@ class SequenceParallel(Rewrite):
         compiler the residual stream cannot stay token-sharded, so this moves the same
         bytes as the all-reduce: it exists so the eager path matches the graph path."""
         cfg = cx.config
-        fuse = cfg.fuse_mm_reduce_scatter in (True, "auto")
-        if not (cfg.sequence_parallel in (True, "auto") or cfg.fuse_mm_reduce_scatter is True):
-            return None
+        fuse = cfg.fuse_mm_reduce_scatter is not False
+        if not (cfg.sequence_parallel is True or cfg.fuse_mm_reduce_scatter is True):
+            if cfg.sequence_parallel is False:
+                return None
+            return Entry(
+                self.name,
+                name,
+                False,
+                "auto: eagerly, reduce_scatter + all_gather moves the all-reduce's bytes in two "
+                "collectives and no token-sharded compute follows; kept the all-reduce",
+                dist.get_world_size(rp.group),
+                {"cost": {"chosen": "all_reduce"}},
+            )
         g, n = rp.group.group_name, dist.get_world_size(rp.group)
         bias = rp.bias if dist.get_rank(rp.group) == 0 else None
         fused, _ = mm_reduce_scatter_impl(device_type, n, g)

@@ -49,6 +49,14 @@ def config_from_vllm(
     return TPConfig.from_dict(options or {}, base=cfg)
 
 
+CPU_INDUCTOR_DEFAULTS = {
+    "dce": True,
+    "size_asserts": False,
+    "nan_asserts": False,
+    "epilogue_fusion": True,
+    "cpp.dynamic_threads": True,
+}
+
 _LOADED: list[Any] = []  # the config of the model this vLLM worker loaded (see `remember`)
 
 
@@ -80,7 +88,8 @@ def host(options: Mapping[str, Any] | None) -> Host | None:
     if vllm_config is None:
         return None
     refused = {name: VLLM_MODULE_TP for name in MODULE_NAME_KEYS}
-    return Host("vllm", config_from_vllm(vllm_config, options), refused)
+    inductor = dict(vllm_config.compilation_config.inductor_compile_config)
+    return Host("vllm", config_from_vllm(vllm_config, options), refused, inductor)
 
 
 def uses_tp_passes(vllm_config: Any) -> bool:
@@ -106,6 +115,14 @@ def select_compilation_mode(vllm_config: Any) -> None:
         return
     if cc.mode is None:
         cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # the Inductor settings vLLM's CPU platform gives its own DYNAMO_TRACE_ONCE
+            # compile (vllm/platforms/cpu.py); it skips them once the mode is set, and our
+            # inner Inductor compile must match the default backend's
+            for key, value in CPU_INDUCTOR_DEFAULTS.items():
+                cc.inductor_compile_config.setdefault(key, value)
     if cc.mode == CompilationMode.VLLM_COMPILE:
         raise ValueError(
             "tp_passes: compilation_config mode=VLLM_COMPILE (3) cannot run backend 'tp_passes'; "
