@@ -79,7 +79,7 @@ CASES = {  # case -> (TP group for the model, options)
         True,
         {"sequence_parallel": False, "fuse_mm_reduce_scatter": False},
     ),
-    "sequence_parallel": (True, {}),
+    "sequence_parallel": (True, {"sequence_parallel": True}),
     "flashcomm2=1": (True, {"flashcomm2": 1, "sequence_parallel": False}),
     "flashcomm2=2": (True, {"flashcomm2": 2, "sequence_parallel": False}),
     "oproj_tp": (False, {"oproj_tp": 4}),

@@ -22,7 +22,10 @@ from tp_passes.backend import tp_passes_backend
 from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, reset_reports
 
-CASES = {"sequence_parallel": {}, "flashcomm2=1 + SP": {"flashcomm2": 1}}
+CASES = {
+    "sequence_parallel": {"sequence_parallel": True},
+    "flashcomm2=1 + SP": {"flashcomm2": 1, "sequence_parallel": True},
+}
 
 
 def measure(layers: int, opts: dict, tokens: int = 64) -> dict:

@@ -233,6 +233,11 @@ def choose_sequence_parallel(
     )
     if setting is True:
         choice.chosen, choice.why = "sequence_parallel", "sequence_parallel=True"
+        if new_link.name != keep_link.name:  # a slower transport than the original's, said so
+            choice.why += (
+                f" (its collectives run on {new_link.name}, the original all-reduce on "
+                f"{keep_link.name})"
+            )
     elif setting is False:
         choice.why = "sequence_parallel=False"
     elif threshold is not None and threshold <= lo:

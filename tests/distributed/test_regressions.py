@@ -181,7 +181,8 @@ def _inplace(rank, world, opts):
 
 
 def test_6_inplace_all_reduce_rewrite_leaves_no_dead_matmul():
-    for opts in ({"flashcomm2": 1, "release_weights": True}, {}):
+    sp = {"sequence_parallel": True}
+    for opts in ({"flashcomm2": 1, "release_weights": True, **sp}, sp):
         for rel, rep in run_ranks(_inplace, 2, opts):
             assert rel < 1e-5
             assert rep.collectives.get("all_reduce", 0) == 0

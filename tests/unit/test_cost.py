@@ -77,6 +77,15 @@ def test_vllm_cpu_shared_memory_all_reduce_is_kept(tokens):
     assert c.links == {"all_reduce": "shm", "sequence_parallel": "gloo"}
 
 
+def test_forced_on_another_transport_says_so():
+    shm, gloo = cost.LINKS["shm"], cost.LINKS["gloo"]
+    c = cost.choose_sequence_parallel(LLAMA_CPU, (16, 16), shm, gloo, True)
+    assert c.chosen == "sequence_parallel"
+    assert c.why == (
+        "sequence_parallel=True (its collectives run on gloo, the original all-reduce on shm)"
+    )
+
+
 def test_gloo_decode_sizes_keep_the_all_reduce():
     gloo = cost.LINKS["gloo"]
     for t in (1, 8, 16, 64):
@@ -185,3 +194,48 @@ def test_without_figures_auto_keeps_and_says_why(fake_world):
     (e,) = [e for e in done.entries if e.rewrite == "sequence_parallel"]
     assert not e.applied and "no cost figures for transport 'fake'" in e.reason
     assert collective_counts(gm) == {"all_reduce": 1}
+
+
+def _two_sites(x, w_o, res, w_norm, w_down):
+    y = funcol.all_reduce(torch.mm(x, w_o.t()), "sum", dist.group.WORLD)
+    h = y + res
+    n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w_norm
+    z = funcol.all_reduce(torch.mm(n, w_down.t()), "sum", dist.group.WORLD)
+    return z, h
+
+
+def test_sites_that_disagree_get_one_choice_for_the_graph(fake_world, fake_link):
+    """o_proj's reduce is followed by add + norm (pays early), down_proj's goes straight to
+    the output (pays late): at T = 32 they disagree, and the graph takes one choice."""
+    from tp_passes.patterns import find_sites
+    from tp_passes.patterns.sequence_parallel import rowwise_bytes_per_token
+
+    t, n = 32, fake_world
+    inputs = [
+        torch.randn(t, 32 // n),
+        torch.randn(64, 32 // n),
+        torch.randn(t, 64),
+        torch.randn(64),
+        torch.randn(64, 64),
+    ]
+    names = ["x", "layers.0.o_proj.weight", "res", "layers.0.norm.weight", "layers.0.down.weight"]
+    gm = make_fx(_two_sites, tracing_mode="fake")(*inputs)
+    a, b = find_sites(gm, names)
+    others = {a.ar.result, b.ar.result}
+    ra, rb = (rowwise_bytes_per_token(s, others - {s.ar.result}) for s in (a, b))
+    link = cost.LINKS["fake"]
+    alone = [
+        cost.choose_sequence_parallel(cost.SiteShape(n, 64, 4, r), (t, t), link, link, "auto")
+        for r in (ra, rb)
+    ]
+    assert [c.chosen for c in alone] == ["sequence_parallel", "all_reduce"]
+    done = rewrite_graph(gm, TPConfig(), inputs, names)
+    sp = [e for e in done.entries if e.rewrite == "sequence_parallel"]
+    assert len(sp) == 2 and len({e.details["cost"]["chosen"] for e in sp}) == 1
+    totals = {
+        alt: sum(c.predicted_us[alt] for c in alone) for alt in ("all_reduce", "sequence_parallel")
+    }
+    assert sp[0].details["cost"]["chosen"] == min(totals, key=totals.get)
+    assert "one choice for the graph" in (
+        sp[0].details["cost"]["why"] + sp[1].details["cost"]["why"]
+    )

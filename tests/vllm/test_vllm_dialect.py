@@ -143,6 +143,10 @@ def _vllm_parallel_state(rank, world):
 
     load_general_plugins()  # as vLLM's engine and workers do: registers tp_passes' dialects
 
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if model_parallel_is_initialized():  # an earlier case of this spawn set it up
+        return
     init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
     initialize_model_parallel(tensor_model_parallel_size=world)
 
@@ -185,25 +189,47 @@ def _rank(rank, world, dialect, dtype, tokens, options):
 
 
 N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
+SP = {"sequence_parallel": True}  # the cost model keeps vLLM's all-reduce on CPU
 FC2_SP = {"flashcomm2": 1, "sequence_parallel": True}
+F32, BF16 = torch.float32, torch.bfloat16
+
+# (dialect, dtype, tokens, options) per world size; every case of a world runs in one
+# spawn of ranks (vLLM's parallel state is set up once per process)
+SP_CASES = {
+    2: [
+        ("vllm.all_reduce", F32, 5, SP),
+        ("vllm.all_reduce", BF16, 8, SP),
+        ("shm", F32, 5, SP),
+        ("shm", F32, 8, SP),
+    ],
+    4: [("vllm.all_reduce", F32, 5, SP), ("vllm.all_reduce", BF16, 6, SP), ("shm", F32, 7, SP)],
+}
+FC2_CASES = [("vllm.all_reduce", F32, 7, FC2_SP), ("shm", F32, 7, FC2_SP)]  # world 2
+
+
+def _cases(rank, world, cases):
+    return [_rank(rank, world, *case) for case in cases]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    """{(world, case): [result of rank 0, rank 1, ...]} for every case above."""
+    out = {}
+    for world, cases in SP_CASES.items():
+        cases = cases + (FC2_CASES if world == 2 else [])
+        per_rank = _ranks(_cases, world, cases)
+        for i, case in enumerate(cases):
+            out[(world, case)] = [r[i] for r in per_rank]
+    return out
 
 
 @pytest.mark.parametrize(
-    "world, tokens, dialect, dtype",
-    [
-        (2, 5, "vllm.all_reduce", torch.float32),
-        (2, 8, "vllm.all_reduce", torch.bfloat16),
-        (4, 5, "vllm.all_reduce", torch.float32),
-        (4, 6, "vllm.all_reduce", torch.bfloat16),
-        (2, 5, "shm", torch.float32),
-        (2, 8, "shm", torch.float32),
-        (4, 7, "shm", torch.float32),
-    ],
+    "world, case", [(w, c) for w, cases in SP_CASES.items() for c in cases], ids=str
 )
-def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
-    res = _ranks(_rank, world, dialect, dtype, tokens, {"sequence_parallel": True})
+def test_sequence_parallel_on_vllm_layers(results, world, case):
+    dialect, dtype = case[0], case[1]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for r in res:
+    for r in results[(world, case)]:
         assert r["diff"] <= tol, r["diff"]
         assert r["dialects"] == [_expected_dialect(dialect)], r["dialects"]
         applied = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "sequence_parallel")
@@ -220,9 +246,8 @@ def test_sequence_parallel_on_vllm_layers(world, tokens, dialect, dtype):
         )
 
 
-def test_flashcomm2_on_vllm_all_reduce_dialect():
-    res = _ranks(_rank, 2, "vllm.all_reduce", torch.float32, 7, FC2_SP)
-    for r in res:
+def test_flashcomm2_on_vllm_all_reduce_dialect(results):
+    for r in results[(2, FC2_CASES[0])]:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "flashcomm2")
         assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], r["entries"]
@@ -237,9 +262,8 @@ def test_flashcomm2_on_vllm_all_reduce_dialect():
         ), r["collectives"]
 
 
-def test_flashcomm2_skipped_on_prepacked_cpu_weights():
-    res = _ranks(_rank, 2, "shm", torch.float32, 7, FC2_SP)
-    for r in res:
+def test_flashcomm2_skipped_on_prepacked_cpu_weights(results):
+    for r in results[(2, FC2_CASES[1])]:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = [(m, ok, why) for rw, m, ok, why in r["entries"] if rw == "flashcomm2"]
         assert len(fc2) == LAYERS and all(not ok and "onednn" in why for _, ok, why in fc2), fc2

@@ -44,6 +44,32 @@ def test_bare_backend_selects_dynamo_trace_once(monkeypatch):
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
 
 
+def test_cpu_compiles_with_the_default_backends_inductor_settings(monkeypatch):
+    """On CPU vLLM gives its own DYNAMO_TRACE_ONCE compile a few Inductor settings; our
+    inner Inductor compile gets the same ones (through the host), so a graph we leave
+    alone compiles as the default backend would compile it."""
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
+
+    from tp_passes.lowering import inductor_options
+    from tp_passes.vllm import config as vllm_config
+
+    cfg = _config("tp_passes", monkeypatch)
+    select_compilation_mode(cfg)
+    ic = cfg.compilation_config.inductor_compile_config
+    assert {
+        k: ic[k] for k in vllm_config.CPU_INDUCTOR_DEFAULTS
+    } == vllm_config.CPU_INDUCTOR_DEFAULTS
+    with mock.patch.object(vllm_config, "current_vllm_config", return_value=cfg):
+        host = vllm_config.host(None)
+    assert host.inductor_options == ic
+    with inductor_options({**host.inductor_options, "not_an_inductor_key": 1}):
+        assert inductor_config.cpp.dynamic_threads is True
+        assert inductor_config.size_asserts is False
+    assert inductor_config.cpp.dynamic_threads is False  # restored
+
+
 def test_explicit_choices_are_kept(monkeypatch):
     cfg = _config(
         "tp_passes", monkeypatch, mode=CompilationMode.STOCK_TORCH_COMPILE, custom_ops=["all"]

@@ -286,9 +286,11 @@ def token_range(site: Site) -> tuple[int, int]:
     rows = math.prod(shape[:-1])
     if isinstance(rows, int):
         return rows, rows
+    from torch.utils._sympy.numbers import int_oo
+
     r = rows.node.shape_env.bound_sympy(rows.node.expr)
-    lo = int(r.lower) if r.lower.is_finite else 1
-    hi = int(r.upper) if r.upper.is_finite else cost.MAX_TOKENS
+    lo = 1 if r.lower in (-int_oo, int_oo) else int(r.lower)
+    hi = cost.MAX_TOKENS if r.upper in (-int_oo, int_oo) else int(r.upper)
     return max(lo, 1), min(hi, cost.MAX_TOKENS)
 
 
