@@ -13,9 +13,12 @@ static token count T, once per variant:
 - `auto` (no options), `sequence_parallel` (forced), `flashcomm2=1` (SP off),
   `flashcomm2=1 + SP`.
 
-Latency is the median of 15 timed forwards after 3 warm-up ones, the slowest rank's
-(every rank waits on the collectives, so they agree to within noise). Ratios are
-variant / original; below 1 is faster.
+All variants of one T are compiled first (one Dynamo cache entry per backend), then
+timed in 21 interleaved rounds (each variant called once per round, in turn), so drift
+on a shared machine hits them alike; latency is the median over rounds, the slowest
+rank's. Ratios are variant / original; below 1 is faster. `auto` compiles to the
+original's graph wherever it keeps every all-reduce, so its spread around 1.0 is the
+noise floor of the machine.
 
 Calibration (`calibration` in the JSON): per collective, the median time at 4 KiB and
 4 MiB on the real group, fitted to latency + bytes / bandwidth (ring bytes per rank, as
@@ -42,6 +45,7 @@ from tp_passes.testing.ranks import run_ranks
 CFG = ModelConfig(
     vocab=2048, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1408, layers=4
 )
+ROUNDS = 21
 VARIANTS = {
     "auto": {},
     "sequence_parallel": {"sequence_parallel": True},
@@ -50,18 +54,33 @@ VARIANTS = {
 }
 
 
-def _median_us(fn, iters: int = 15, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
+def _agreed_median(times: list[float]) -> float:
     t = torch.tensor([statistics.median(times)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank; the same on every rank
     return float(t)
+
+
+def _timed_us(fn) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
+def _median_us(fn, iters: int = 15, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    return _agreed_median([_timed_us(fn) for _ in range(iters)])
+
+
+def _interleaved_us(fns: dict, rounds: int) -> dict[str, float]:
+    """Median per function over `rounds` rounds that call each once, in turn: drift and
+    noise on a shared machine hit every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_timed_us(fn))
+    return {name: _agreed_median(t) for name, t in times.items()}
 
 
 def calibrate(n: int) -> dict:
@@ -113,12 +132,14 @@ def _rank(rank: int, world: int, tokens: list[int], inner: str) -> dict:
         for t in tokens:
             ids = torch.arange(t) % CFG.vocab
             torch._dynamo.reset()
-            base = torch.compile(model, backend=original_backend)
-            row = {"original": _median_us(lambda: base(ids))}
+            base = torch.compile(model, backend=original_backend, dynamic=False)
+            fns = {"original": lambda base=base: base(ids)}
             for name, opts in VARIANTS.items():
-                torch._dynamo.reset()
-                fn = torch.compile(model, backend="tp_passes", options={"inner": inner, **opts})
-                row[name] = _median_us(lambda: fn(ids))
+                fn = torch.compile(
+                    model, backend="tp_passes", options={"inner": inner, **opts}, dynamic=False
+                )
+                fn(ids)  # compiles now: the report below is this variant's
+                fns[name] = lambda fn=fn: fn(ids)
                 if name == "auto":
                     from tp_passes import last_report
 
@@ -128,7 +149,10 @@ def _rank(rank: int, world: int, tokens: list[int], inner: str) -> dict:
                         "sites": len(sp),
                         "first_site_cost": sp[0]["details"].get("cost") if sp else None,
                     }
-            result["latency_us"][t] = row
+            for fn in fns.values():  # warm-up
+                fn()
+                fn()
+            result["latency_us"][t] = _interleaved_us(fns, ROUNDS)
     return result
 
 

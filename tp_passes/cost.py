@@ -76,12 +76,13 @@ LINKS: dict[str, Link] = {
         matmul_tflops=0.05,
         fused_mm_reduce_scatter=False,
         source="measured: gloo over loopback, 2 ranks on a 2-core AMD EPYC VM "
-        "(bench/step_latency.py, `calibration`: medians at 4 KiB and 4 MiB)",
+        "(bench/step_latency.py, `calibration`: medians at 4 KiB and 4 MiB; latencies "
+        "varied 1.1-3.7 ms between runs, 4 ranks 3-14 ms)",
     ),
     "shm": Link(
         "shm",
         _same(4.0, 8.0),
-        mem_gbps=6.0,
+        mem_gbps=17.6,  # the same CPU as gloo's figures
         matmul_tflops=0.05,
         fused_mm_reduce_scatter=False,
         source="estimate: vLLM's CPU shared-memory all-reduce/all-gather (_C.shm_*) copy "

@@ -219,7 +219,7 @@ def results() -> dict:
         cases = cases + (FC2_CASES if world == 2 else [])
         per_rank = _ranks(_cases, world, cases)
         for i, case in enumerate(cases):
-            out[(world, case)] = [r[i] for r in per_rank]
+            out[(world, repr(case))] = [r[i] for r in per_rank]
     return out
 
 
@@ -229,7 +229,7 @@ def results() -> dict:
 def test_sequence_parallel_on_vllm_layers(results, world, case):
     dialect, dtype = case[0], case[1]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for r in results[(world, case)]:
+    for r in results[(world, repr(case))]:
         assert r["diff"] <= tol, r["diff"]
         assert r["dialects"] == [_expected_dialect(dialect)], r["dialects"]
         applied = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "sequence_parallel")
@@ -247,7 +247,7 @@ def test_sequence_parallel_on_vllm_layers(results, world, case):
 
 
 def test_flashcomm2_on_vllm_all_reduce_dialect(results):
-    for r in results[(2, FC2_CASES[0])]:
+    for r in results[(2, repr(FC2_CASES[0]))]:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = sorted(m for rw, m, ok, _ in r["entries"] if ok and rw == "flashcomm2")
         assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], r["entries"]
@@ -263,7 +263,7 @@ def test_flashcomm2_on_vllm_all_reduce_dialect(results):
 
 
 def test_flashcomm2_skipped_on_prepacked_cpu_weights(results):
-    for r in results[(2, FC2_CASES[1])]:
+    for r in results[(2, repr(FC2_CASES[1]))]:
         assert r["diff"] <= 1e-5, r["diff"]
         fc2 = [(m, ok, why) for rw, m, ok, why in r["entries"] if rw == "flashcomm2"]
         assert len(fc2) == LAYERS and all(not ok and "onednn" in why for _, ok, why in fc2), fc2
