@@ -185,6 +185,15 @@ class Choice:
 MAX_TOKENS = 1 << 20  # search bound for the break-even token count
 
 
+def reference_tokens(lo: int, hi: int) -> int:
+    """The T the report prices: the largest of a bounded range, else the smallest."""
+    return hi if hi < MAX_TOKENS else lo
+
+
+def tokens_label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"dynamic [{lo}, {hi if hi < MAX_TOKENS else 'inf'}]"
+
+
 def break_even(pays: Any, lo: int = 1, hi: int = MAX_TOKENS) -> int | None:
     """Smallest T in [lo, hi] with pays(T), for a `pays` that stays true once true; None if
     it never pays in the range."""
@@ -217,13 +226,13 @@ def choose_sequence_parallel(
     def pays(t: int) -> bool:
         return sequence_parallel_us(s, t, new_link) < keep_us(s, t, keep_link)
 
-    ref = hi if hi < MAX_TOKENS else lo
+    ref = reference_tokens(lo, hi)
     predicted = {
         "all_reduce": keep_us(s, ref, keep_link),
         "sequence_parallel": sequence_parallel_us(s, ref, new_link),
     }
     threshold = break_even(pays)
-    label = str(lo) if lo == hi else f"dynamic [{lo}, {hi if hi < MAX_TOKENS else 'inf'}]"
+    label = tokens_label(lo, hi)
     choice = Choice(
         "all_reduce",
         predicted,

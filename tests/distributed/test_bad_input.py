@@ -101,6 +101,10 @@ def _cases(rank, world):
         "strict uneven tokens": lambda: _compile(
             dp_model(), torch.arange(5 + rank), lmhead_tp=2, strict=True
         ),
+        # TP ranks must bring the same tokens; the cost model's choice depends on T
+        "graph TP token counts differ across ranks": lambda: _compile(
+            tp_model(), torch.arange(5 + rank)
+        ),
         "graph config differs across ranks": lambda: _compile(
             dp_model(), ids, **({"mlp_tp": 2} if rank else {})
         ),
@@ -138,6 +142,7 @@ EXPECTED = {
     "strict mlp bias": "MLP with biases",
     "strict k does not divide dp": "mlp_tp=4 does not divide",
     "strict uneven tokens": "token counts",
+    "graph TP token counts differ across ranks": "differs across ranks",
     "graph config differs across ranks": "differs across ranks",
     "eager config differs across ranks": "differs across ranks",
     "eager strict o_proj already TP": "already tensor-parallel",

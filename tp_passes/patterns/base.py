@@ -18,6 +18,7 @@ Each family also owns its eager twin (see the family's module).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from tp_passes import weights
+from tp_passes import cost, weights
 from tp_passes.config import TPConfig
 from tp_passes.fx import (
     AllReduce,
@@ -54,9 +55,32 @@ class Site:
     reason: str = ""  # why no rewrite can take this all-reduce ("" if one may)
 
     def invariant(self) -> tuple:
-        """What must be equal on every rank (bias placement may differ)."""
+        """What must be equal on every rank (bias placement may differ); it includes the
+        cost model's inputs (token range, dtype), so every rank makes the same choice."""
         w = val(self.matmul.weight).shape if self.matmul else None
-        return (self.module, self.n, str(w), self.matmul is not None, self.reason)
+        partial = val(self.ar.partial)
+        return (
+            self.module,
+            self.n,
+            str(w),
+            self.matmul is not None,
+            self.reason,
+            self.token_range(),
+            str(partial.dtype),
+        )
+
+    def token_range(self) -> tuple[int, int]:
+        """(lo, hi) of the token count: equal for a static graph; a dynamic one's range from
+        the shape environment (hi = cost.MAX_TOKENS when unbounded)."""
+        from torch.utils._sympy.numbers import int_oo
+
+        rows = math.prod(val(self.ar.partial).shape[:-1])
+        if isinstance(rows, int):
+            return rows, rows
+        r = rows.node.shape_env.bound_sympy(rows.node.expr)
+        lo = 1 if r.lower in (-int_oo, int_oo) else int(r.lower)
+        hi = cost.MAX_TOKENS if r.upper in (-int_oo, int_oo) else int(r.upper)
+        return max(lo, 1), min(hi, cost.MAX_TOKENS)
 
     @property
     def has_bias(self) -> bool:

@@ -45,7 +45,6 @@ from tp_passes.patterns.sequence_parallel import (
     TokenSharding,
     site_links,
     site_shape,
-    token_range,
 )
 from tp_passes.report import Entry
 
@@ -108,16 +107,15 @@ class FlashComm2(Rewrite):
         if isinstance(links, str) or site.matmul is None or flashcomm2_size_error(mo, site.n):
             return cost.Choice(chosen, {}, "", {}, why=why)
         keep, new = links
-        shape, (lo, hi) = site_shape(site, cx), token_range(site)
-        t = hi if hi < cost.MAX_TOKENS else lo
+        shape, (lo, hi) = site_shape(site, cx), site.token_range()
+        t = cost.reference_tokens(lo, hi)
         cols = int(site.matmul.x.meta["val"].shape[-1])
         predicted = {
             "all_reduce": cost.keep_us(shape, t, keep),
             "flashcomm2": cost.flashcomm2_us(shape, t, new, cols, mo),
         }
         links_used = {"all_reduce": keep.name, "flashcomm2": new.name}
-        label = str(lo) if lo == hi else f"dynamic [{lo}, ...]"
-        return cost.Choice(chosen, predicted, label, links_used, why=why)
+        return cost.Choice(chosen, predicted, cost.tokens_label(lo, hi), links_used, why=why)
 
     def plan_weights(self, m: SiteMatch, cx: GraphContext) -> None:
         mm = m.site.matmul

@@ -279,21 +279,6 @@ class _NotRowWise(Exception):
 # -- what the cost model needs to know about a site -----------------------------------------
 
 
-def token_range(site: Site) -> tuple[int, int]:
-    """(lo, hi) of the site's token count: equal for a static graph; a dynamic one's range
-    from the shape environment (hi = cost.MAX_TOKENS when unbounded)."""
-    shape = val(site.ar.partial).shape
-    rows = math.prod(shape[:-1])
-    if isinstance(rows, int):
-        return rows, rows
-    from torch.utils._sympy.numbers import int_oo
-
-    r = rows.node.shape_env.bound_sympy(rows.node.expr)
-    lo = 1 if r.lower in (-int_oo, int_oo) else int(r.lower)
-    hi = cost.MAX_TOKENS if r.upper in (-int_oo, int_oo) else int(r.upper)
-    return max(lo, 1), min(hi, cost.MAX_TOKENS)
-
-
 def _rows_equal(node: fx.Node, rows: Any) -> bool:
     v = val(node)
     return isinstance(v, torch.Tensor) and v.dim() >= 1 and _same(math.prod(v.shape[:-1]), rows)
@@ -374,7 +359,7 @@ def choose(site: Site, cx: GraphContext, setting: Any) -> cost.Choice:
         chosen = "sequence_parallel" if setting is True else "all_reduce"
         why = f"sequence_parallel={setting}" if setting != "auto" else links + "; auto keeps it"
         return cost.Choice(chosen, {}, "", {}, why=why)
-    return cost.choose_sequence_parallel(site_shape(site, cx), token_range(site), *links, setting)
+    return cost.choose_sequence_parallel(site_shape(site, cx), site.token_range(), *links, setting)
 
 
 class SequenceParallel(Rewrite):
