@@ -12,6 +12,8 @@ sliced off when gathered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
@@ -41,6 +43,18 @@ def gather_rows(x: torch.Tensor, group: str, n: int, rows: int) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+
+
+Local = Callable[[torch.Tensor], torch.Tensor]  # a layer's own local op on its shard
+
+
+def _local(mm: Local | None, w: torch.Tensor | None) -> Local:
+    """X -> X @ w.T, by `mm` when given (a layer's own kernel), else `linear`."""
+    if mm is not None:
+        return mm
+    if w is None:
+        raise ValueError("tp_passes.comm: a shard or a local product is needed")
+    return lambda X: linear(X, w)
 
 
 def mm_reduce_scatter(
@@ -88,35 +102,55 @@ def flashcomm2_rows(
 # path pads to the group maximum first; see `pad_to_group_max`).
 
 
-def oproj_dp(x: torch.Tensor, w_j: torch.Tensor, group: str, k: int) -> torch.Tensor:
+def oproj_dp(
+    x: torch.Tensor, w_j: torch.Tensor | None, group: str, k: int, mm: Local | None = None
+) -> torch.Tensor:
     """x[T, A] @ W.T with W sharded by input columns: w_j = W[:, chunk j] ([H, A/k]).
 
     all_to_all sends column chunk c of my tokens to rank c, so rank j holds chunk j of
     every rank's tokens ([kT, A/k]); reduce_scatter sums the k column chunks and returns
-    each rank its own tokens.
+    each rank its own tokens. `mm`: the local product X @ w_j.T by a layer's own kernel
+    (vLLM: a prepacked or quantized shard), instead of `linear(X, w_j)`.
     """
     x = F.pad(x, (0, (-x.shape[1]) % k))  # A not divisible by k: zero columns (w_j padded too)
     t, a = x.shape
     send = x.reshape(t, k, a // k).transpose(0, 1).reshape(k * t, a // k)
     X = funcol.all_to_all_single(send, None, None, group)
-    return funcol.reduce_scatter_single(linear(X, w_j), "sum", 0, group)
+    return funcol.reduce_scatter_single(_local(mm, w_j)(X), "sum", 0, group)
 
 
-def embedding_dp(ids: torch.Tensor, w_j: torch.Tensor, j: int, group: str, k: int) -> torch.Tensor:
-    """W[ids] with W sharded by rows: w_j = rows [j*V/k, (j+1)*V/k) (vocab padded to k)."""
+def embedding_dp(
+    ids: torch.Tensor,
+    w_j: torch.Tensor,
+    j: int,
+    group: str,
+    k: int,
+    lookup: Local | None = None,
+) -> torch.Tensor:
+    """W[ids] with W sharded by rows: w_j = rows [j*V/k, (j+1)*V/k) (vocab padded to k).
+    `lookup`: the local lookup by a layer's own kernel, instead of `F.embedding(., w_j)`."""
     all_ids = funcol.all_gather_single(ids.reshape(-1), 0, group)
     rows = w_j.shape[0]
     local = all_ids - j * rows
     outside = (local < 0) | (local >= rows)
-    e = F.embedding(local.masked_fill(outside, 0), w_j).masked_fill(outside.unsqueeze(-1), 0.0)
+    found = (lookup or (lambda i: F.embedding(i, w_j)))(local.masked_fill(outside, 0))
+    e = found.masked_fill(outside.unsqueeze(-1), 0.0)
     return funcol.reduce_scatter_single(e, "sum", 0, group)
 
 
-def lmhead_dp(h: torch.Tensor, w_j: torch.Tensor, group: str, k: int, vocab: int) -> torch.Tensor:
+def lmhead_dp(
+    h: torch.Tensor,
+    w_j: torch.Tensor | None,
+    group: str,
+    k: int,
+    vocab: int,
+    mm: Local | None = None,
+) -> torch.Tensor:
     """h[T, H] @ W.T with W sharded by rows (vocab): gather tokens, compute my vocab slice
-    for all of them, all_to_all back so each rank has all vocab slices of its tokens."""
+    for all of them, all_to_all back so each rank has all vocab slices of its tokens.
+    `mm` as in `oproj_dp`."""
     t = h.shape[0]
-    logits = linear(funcol.all_gather_single(h, 0, group), w_j)  # [kT, V/k]
+    logits = _local(mm, w_j)(funcol.all_gather_single(h, 0, group))  # [kT, V/k]
     mine = funcol.all_to_all_single(logits, None, None, group)  # [k(source j'), T, V/k]
     return mine.reshape(k, t, -1).transpose(0, 1).reshape(t, -1)[:, :vocab]
 
@@ -130,18 +164,23 @@ ACTIVATIONS = {
 
 def mlp_dp(
     x: torch.Tensor,
-    gate_j: torch.Tensor,
-    up_j: torch.Tensor,
-    down_j: torch.Tensor,
+    gate_j: torch.Tensor | None,
+    up_j: torch.Tensor | None,
+    down_j: torch.Tensor | None,
     group: str,
     k: int,
     act: str = "silu",
+    local: Local | None = None,
 ) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with gate/up sharded by rows (a merged gate_up weight is
-    sharded half by half, see `shard_halves`) and down by columns."""
+    sharded half by half, see `shard_halves`) and down by columns. `local`: the MLP on
+    the gathered rows by a module's own layers (vLLM), instead of the three products."""
     xs = funcol.all_gather_single(x, 0, group)  # [kT, H]
-    hmid = ACTIVATIONS[act](linear(xs, gate_j)) * linear(xs, up_j)  # [kT, I/k]
-    return funcol.reduce_scatter_single(linear(hmid, down_j), "sum", 0, group)
+    if local is None:  # [kT, I/k] between the projections
+        y = linear(ACTIVATIONS[act](linear(xs, gate_j)) * linear(xs, up_j), down_j)
+    else:
+        y = local(xs)
+    return funcol.reduce_scatter_single(y, "sum", 0, group)
 
 
 def shard_padded(w: torch.Tensor, dim: int, k: int, j: int) -> torch.Tensor:

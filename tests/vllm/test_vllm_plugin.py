@@ -141,3 +141,83 @@ def test_vllm_reduce_scatter_and_all_gather_are_counted_on_the_wire():
         {"op": "reduce_scatter", "n": 2, "bytes": 64},
         {"op": "all_gather", "n": 2, "bytes": 64},
     ]
+
+
+def test_register_wraps_the_load_and_dummy_run_hooks_once():
+    from vllm.model_executor.model_loader import base_loader
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    register()
+    process, dummy = base_loader.process_weights_after_loading, GPUModelRunner._dummy_run
+    register()
+    assert base_loader.process_weights_after_loading is process
+    assert GPUModelRunner._dummy_run is dummy
+    assert getattr(process, "_tp_passes_hook", False) and getattr(dummy, "_tp_passes_hook", False)
+
+
+def _dp_config(dp: int, backend: str | None, moe: bool = False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(
+            data_parallel_size=dp,
+            distributed_executor_backend=backend,
+            tensor_parallel_size=1,
+            pipeline_parallel_size=1,
+        ),
+        model_config=SimpleNamespace(is_moe=moe),
+    )
+
+
+def test_lockstep_is_required_for_module_tp_across_dp():
+    from tp_passes.vllm.module_tp import lockstep_reason
+
+    assert lockstep_reason(_dp_config(2, "external_launcher")) == ""
+    assert lockstep_reason(_dp_config(4, "mp", moe=True)) == ""  # MoE DP engines step together
+    why = lockstep_reason(_dp_config(2, "mp"))
+    assert "step independently" in why and "external_launcher" in why and "'mp'" in why
+    assert "data_parallel_size >= 2 (got 1)" in lockstep_reason(_dp_config(1, "mp"))
+
+
+@pytest.mark.parametrize(
+    "vllm_cfg, config, reason",
+    [
+        (_dp_config(2, "mp"), TPConfig(lmhead_tp=2, oproj_tp=2), "step independently"),
+        (
+            _dp_config(3, "external_launcher"),
+            TPConfig(embedding_tp=2),
+            "embedding_tp=2 does not divide data_parallel_size=3",
+        ),
+    ],
+)
+def test_module_tp_refused_from_the_config_alone(vllm_cfg, config, reason):
+    """Refused before any collective or weight change: skipped with the reason, and an
+    error under strict=True."""
+    import dataclasses
+
+    import torch
+
+    from tp_passes.vllm.module_tp import plan
+
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.clone()
+    p = plan(model, vllm_cfg, config)
+    assert not p.modules and p.entries
+    assert all(not e.applied and e.blocked and reason in e.reason for e in p.entries)
+    assert torch.equal(model.weight, before)
+    with pytest.raises(RuntimeError, match=reason):
+        plan(model, vllm_cfg, dataclasses.replace(config, strict=True))
+
+
+def test_wire_bytes_per_token_follow_the_ring_formulas():
+    import torch
+
+    from tp_passes.vllm.module_tp import _wire_per_token
+
+    f32 = torch.float32
+    # o_proj [H=128, A=256], k=2: all_to_all of x (1/2 * 256 * 4) + RS of 2 rows (1/2 * 2 * 128 * 4)
+    assert _wire_per_token("oproj_tp", 2, 256, 128, f32) == 512 + 512
+    # embedding width 128: ids all_gather (8) + RS of 2 rows
+    assert _wire_per_token("embedding_tp", 2, 128, 128, f32) == 8 + 512
+    # lm_head [V=512, H=128], k=4: all_gather h (3 * 128 * 4) + all_to_all (3/4 * 512 * 4)
+    assert _wire_per_token("lmhead_tp", 4, 128, 512, f32) == 1536 + 1536

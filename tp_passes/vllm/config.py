@@ -14,11 +14,10 @@ from typing import Any
 from tp_passes.config import MODULE_NAME_KEYS, Host, TPConfig
 
 BACKEND = "tp_passes"
-# why module TP across DP ranks is refused inside vLLM (graph and eager paths)
+# why the graph and eager rewrites leave module TP alone inside vLLM
 VLLM_MODULE_TP = (
-    "module TP across DP ranks is not implemented inside vLLM: its DP engines step "
-    "independently (an idle rank runs a dummy batch without this layer, e.g. no logits), "
-    "so a collective across DP ranks could hang"
+    "inside vLLM, module TP across DP ranks is planned at model load "
+    "(tp_passes.vllm.module_tp; see that report), not by the graph or eager rewrites"
 )
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tp_passes.eager import RowParallel, parallelize
 from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
-from tp_passes.vllm.config import VLLM_MODULE_TP, config_from_vllm
+from tp_passes.vllm.config import config_from_vllm
 
 
 def _device_group(module: nn.Module) -> Any:
@@ -84,19 +84,18 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
 
 
 def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> list[dict]:
-    """Apply the configured rewrites to a loaded vLLM model in place (every TP rank).
+    """Finish the rewrites of a loaded vLLM model in place (every rank).
 
-    `compiled`: the model's forward goes through the backend, so only what runs outside
-    the graph is handled here (the logits path: lm_head TP, refused for now).
+    Module TP across DP ranks was planned when the weights were loaded
+    (`tp_passes.vllm.module_tp.plan`); here its layers are routed through the exchange.
+    `compiled`: the model's forward goes through the backend, which does the rest; else
+    FlashComm2 / sequence parallelism are applied to vLLM's row-parallel layers here.
     """
+    from tp_passes.vllm import module_tp
+
     config = config_from_vllm(vllm_config)
-    kinds = ("lmhead_tp",) if compiled else ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp")
-    unsupported = [k for k in kinds if getattr(config, k)]
-    if unsupported and config.strict:
-        raise RuntimeError(f"tp_passes (strict): {', '.join(unsupported)}: {VLLM_MODULE_TP}")
-    entries = [
-        Entry(k, "", False, VLLM_MODULE_TP, getattr(config, k), blocked=True) for k in unsupported
-    ]
+    plan = model.__dict__.get(module_tp.PLAN_ATTR) or module_tp.DPPlan()
+    entries = plan.entries + module_tp.install(model, plan)
     if not compiled:
         from vllm.distributed import get_tp_group
 
@@ -107,7 +106,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
             "the eager rewrite plan (config or vLLM layers)",
             group=get_tp_group().cpu_group,
         )
-        eager_config = dataclasses.replace(config, **{k: 0 for k in unsupported})
+        eager_config = dataclasses.replace(config, **{k: 0 for k in module_tp.KINDS})
         entries += [
             Entry(**e) for e in parallelize(model, eager_config, recognize=as_vllm_row_parallel)
         ]

@@ -8,10 +8,15 @@ two hooks, each at most once per process:
 1. Config: wraps the current platform's `apply_config_platform_defaults` (vLLM's hook for
    platform defaults, called right before the compilation mode is chosen) to pick
    DYNAMO_TRACE_ONCE for our backend (`tp_passes.vllm.config.select_compilation_mode`).
-2. Model load: with ``enforce_eager=True`` nothing is compiled, so after the model
-   runner loads the model the same rewrites are applied to vLLM's layers
-   (`tp_passes.vllm.eager.parallelize_vllm`); when compiling, only the logits path,
-   which vLLM runs outside the graph, is handled there.
+2. Weight loading: right before vLLM post-processes loaded weights (CPU prepacking, NZ
+   on Ascend, quantized layouts), module TP across DP ranks shards the selected weights
+   (`tp_passes.vllm.module_tp.plan`), so those layouts are made from the shards.
+3. Model load: after the model runner loads the model, the planned layers are routed
+   through the DP exchange, and with ``enforce_eager=True`` (nothing compiled) the graph
+   rewrites are applied to vLLM's layers (`tp_passes.vllm.eager.parallelize_vllm`).
+4. Dummy batches: an idle DP rank runs a dummy forward that computes no logits; with a
+   sharded lm_head it then computes logits on zero rows, so it joins the exchange the
+   busy ranks run in `compute_logits` (`tp_passes.vllm.module_tp.after_dummy_run`).
 
 Nothing happens unless the compilation backend is "tp_passes".
 """
@@ -37,6 +42,12 @@ def register() -> None:
     )
     for runner in _model_runner_classes():
         _wrap_method(runner, "load_model", _after_load_model)
+        _wrap_method(runner, "_dummy_run", _after_dummy_run)
+    _wrap_function(
+        "vllm.model_executor.model_loader.base_loader",
+        "process_weights_after_loading",
+        _before_weight_processing,
+    )
 
 
 def _before_platform_defaults(vllm_config: Any) -> None:
@@ -58,6 +69,22 @@ def _after_load_model(runner: Any) -> None:
         parallelize_vllm(
             runner.model, cfg, compiled=cfg.compilation_config.mode != CompilationMode.NONE
         )
+
+
+def _before_weight_processing(model: Any, *_: Any) -> None:
+    from tp_passes.vllm.config import current_vllm_config, uses_tp_passes
+
+    cfg = current_vllm_config()
+    if cfg is not None and uses_tp_passes(cfg):
+        from tp_passes.vllm.module_tp import plan_loaded_model
+
+        plan_loaded_model(model, cfg)
+
+
+def _after_dummy_run(runner: Any, out: Any) -> None:
+    from tp_passes.vllm.module_tp import after_dummy_run
+
+    after_dummy_run(runner, out)
 
 
 def _model_runner_classes() -> list[type]:
@@ -87,14 +114,34 @@ def _wrap_classmethod(cls: type, name: str, before: Any) -> None:
 
 
 def _wrap_method(cls: type, name: str, after: Any) -> None:
+    """`after(self)` (or `after(self, out)` when it takes two) once `cls.name` returns."""
     original = cls.__dict__.get(name)
     if original is None or getattr(original, _MARK, False):
         return
+    with_out = after.__code__.co_argcount == 2
 
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
-        after(self)
+        after(self, out) if with_out else after(self)
         return out
 
     setattr(wrapped, _MARK, True)
     setattr(cls, name, wrapped)
+
+
+def _wrap_function(module: str, name: str, before: Any) -> None:
+    """`before(*args)` ahead of every call of `module.name` (a module global: call sites in
+    that module look it up when they call)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    original = getattr(mod, name)
+    if getattr(original, _MARK, False):
+        return
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        before(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(wrapped, _MARK, True)
+    setattr(mod, name, wrapped)
