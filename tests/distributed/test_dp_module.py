@@ -1,0 +1,88 @@
+"""The body of ``tp_passes.dp_module`` (module TP across DP inside vLLM) on real gloo ranks,
+without vLLM: each rank brings its own token count (zero included), the layer's "own
+kernel" is a plain product on its shard, and every rank's output must equal the
+unsharded layer's. Ranks that enter different layers raise instead of exchanging."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tp_passes import comm
+from tp_passes.groups.registry import NamedGroup
+from tp_passes.testing import run_ranks
+from tp_passes.testing.ranks import RankFailure
+from tp_passes.vllm.module_tp import DPModule
+
+H, A, V, INTER = 24, 40, 37, 18  # V and INTER not divisible by 4, A by 3
+
+
+def _layer(kind: str, rank: int, world: int, dtype: torch.dtype):
+    """(DPModule, reference fn, input maker) for one kind; full weights equal on all ranks."""
+    g = NamedGroup("dp", tuple(range(world)), dist.group.WORLD)
+    k, j = world, rank
+    w = torch.Generator().manual_seed(0)
+    if kind == "mlp_tp":
+        gate_up = torch.randn(2 * INTER, H, generator=w).to(dtype) / 4
+        down = torch.randn(H, INTER, generator=w).to(dtype) / 4
+        gu_j, d_j = comm.shard_halves(gate_up, k, j), comm.shard_padded(down, 1, k, j)
+        m = DPModule(kind, "mlp", SimpleNamespace(weight=d_j), g, k, j, H, dtype)
+
+        def gated(x, gu, d):
+            a, b = (x @ gu.T).chunk(2, dim=-1)
+            return (F.silu(a) * b) @ d.T
+
+        m.local = lambda x: gated(x, gu_j, d_j)
+        return m, lambda x: gated(x, gate_up, down), "hidden"
+    rows, cols = {"oproj_tp": (H, A), "embedding_tp": (V, H), "lmhead_tp": (V, H)}[kind]
+    full = torch.randn(rows, cols, generator=w).to(dtype) / 4
+    shard = comm.shard_padded(full, 1 if kind == "oproj_tp" else 0, k, j)
+    width = cols if kind == "embedding_tp" else rows
+    m = DPModule(kind, kind, SimpleNamespace(weight=shard), g, k, j, width, dtype)
+    if kind == "embedding_tp":
+        m.local = lambda ids: F.embedding(ids, shard)
+        return m, lambda ids: F.embedding(ids, full), "ids"
+    m.local = lambda x: x @ shard.T
+    return m, lambda x: x @ full.T, "cols" if kind == "oproj_tp" else "hidden"
+
+
+def _all_kinds(rank, world, dtype, tokens):
+    gen = torch.Generator().manual_seed(100 + rank)
+    t = tokens[rank]
+    out = {}
+    for kind in ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp"):
+        m, ref, what = _layer(kind, rank, world, dtype)
+        if what == "ids":
+            x = torch.randint(0, V, (t,), generator=gen)
+        else:
+            x = torch.randn(t, A if what == "cols" else H, generator=gen).to(dtype)
+        with torch.no_grad():
+            got, want = m.forward(x), ref(x)
+        assert got.shape == want.shape and got.dtype == want.dtype, (kind, got.shape, want.shape)
+        err = (got.float() - want.float()).abs().max().item() if t else 0.0
+        out[kind] = (err, want.float().abs().max().item() if t else 1.0, dict(m.calls))
+    return out
+
+
+@pytest.mark.parametrize("world, tokens", [(2, [3, 0]), (2, [5, 2]), (4, [1, 7, 0, 3])], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_rank_equals_the_unsharded_layer(world, tokens, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rank, kinds in enumerate(run_ranks(_all_kinds, world, dtype, tokens)):
+        for kind, (err, scale, calls) in kinds.items():
+            assert err <= tol * max(scale, 1.0), (rank, kind, err)
+            # a rank with fewer rows than the largest was padded; one with none, empty
+            assert calls["padded"] == int(tokens[rank] < max(tokens)), (rank, kind, calls)
+            assert calls["empty"] == int(tokens[rank] == 0), (rank, kind, calls)
+
+
+def _different_layers(rank, world):
+    m, _, _ = _layer("oproj_tp" if rank == 0 else "lmhead_tp", rank, world, torch.float32)
+    m.forward(torch.zeros(2, A if rank == 0 else H))
+
+
+def test_ranks_in_different_layers_raise_instead_of_exchanging():
+    with pytest.raises(RankFailure, match="entered different layers"):
+        run_ranks(_different_layers, 2, timeout=60)
