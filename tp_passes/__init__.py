@@ -36,7 +36,16 @@ def last_report() -> list[dict]:
     return _last_report()
 
 
+def __getattr__(name: str):  # noqa: ANN202 - lazy: Inductor is imported on first use
+    if name == "TPPass":
+        from tp_passes.inductor_pass import TPPass
+
+        return TPPass
+    raise AttributeError(f"module 'tp_passes' has no attribute {name!r}")
+
+
 __all__ = [
+    "TPPass",
     "last_report",
     "parallelize",
     "refresh_weights",

@@ -113,9 +113,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
             group=get_tp_group().cpu_group,
         )
         eager_config = dataclasses.replace(config, **{k: 0 for k in module_tp.KINDS})
-        entries += [
-            Entry(**e) for e in parallelize(model, eager_config, recognize=recognize)
-        ]
+        entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=recognize)]
     if entries:
         report = GraphReport(next_graph_id(), rank(), entries, config=config.to_dict())
         Dumper(config.dump, config.dump_dir, report.graph_id).report(report)

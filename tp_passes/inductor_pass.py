@@ -1,0 +1,99 @@
+"""`TPPass`: the rewrite driver as an Inductor post-grad pass.
+
+    torch.compile(model, options={"post_grad_custom_post_pass": tp_passes.TPPass(config)})
+
+With the default Inductor backend, Inductor calls the pass on its post-grad ATen graph
+(functionalized, decomposed) after its own passes; the pass runs `rewrite_graph` on it::
+
+    before:  y = wait_tensor(all_reduce(mm(x, w), "sum", tp)); h = rms_norm(y + r)
+    after:   y = wait_tensor(reduce_scatter(mm(x, w), "sum", tp)); h = rms_norm(y + r_j)
+             ... all_gather(h_j) before the next column-parallel matmul
+
+`uuid()` covers the config, the package version and the package's source files, so it
+enters Inductor's FX graph cache key: a cached graph is reused only for the same
+rewrites, and on a cache hit the pass does not run (the cached code already holds them).
+
+Rewrites that need real weights (FlashComm2's gathered o_proj, module TP shards) cannot
+run here: a post-grad pass sees fake tensors and cannot add graph inputs. They are
+skipped with that reason; use ``backend="tp_passes"``, or inside vLLM the load-time plan.
+The cross-rank plan agreement runs inside the pass (on a cache hit it does not run,
+nor does anything else that could disagree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from tp_passes.config import MODULE_NAME_KEYS, TPConfig
+from tp_passes.report import (
+    Dumper,
+    Entry,
+    GraphReport,
+    next_graph_id,
+    rank,
+    record,
+    refuse_blocked,
+)
+
+NEEDS_WEIGHTS = (
+    "needs real weights (a derived weight bound as a graph input), which an Inductor "
+    "post-grad pass cannot provide; use backend='tp_passes' (or, in vLLM, the load-time plan)"
+)
+
+
+class TPPass(CustomGraphPass):
+    """Run the tensor-parallel rewrites on Inductor's post-grad graph (every rank of the
+    graph's groups must compile the same graph with the same config)."""
+
+    def __init__(self, config: TPConfig | Mapping[str, Any] | None = None) -> None:
+        self.config = config if isinstance(config, TPConfig) else TPConfig.from_dict(config or {})
+
+    def __call__(self, graph: fx.Graph) -> None:
+        from torch._inductor.decomposition import select_decomp_table
+
+        from tp_passes.backend import rewrite_graph
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        gm = graph.owning_module
+        report = GraphReport(next_graph_id(), rank(), config=self.config.to_dict())
+        dumper = Dumper(self.config.dump, self.config.dump_dir, report.graph_id)
+        dumper.graph("post_grad", gm)
+        report.measure_before(gm)
+        # the post-grad graph's inputs are nameless fakes: weight rewrites cannot even be
+        # matched, so each configured one is reported once, as skipped
+        weighted = [n for n in (*MODULE_NAME_KEYS, "flashcomm2") if getattr(self.config, n)]
+        skipped = [
+            Entry(n, "", False, NEEDS_WEIGHTS, getattr(self.config, n), blocked=True)
+            for n in weighted
+        ]
+        refuse_blocked(skipped, self.config.strict)
+        done = rewrite_graph(
+            gm,
+            dataclasses.replace(self.config, **{n: 0 for n in weighted}),
+            decompositions=select_decomp_table(),  # inserted ops as Inductor expects them
+            dumper=dumper,
+        )
+        done.entries[:0] = skipped
+        report.entries, report.layout = done.entries, done.layout
+        report.measure_after(gm)
+        dumper.graph("final", gm)
+        dumper.report(report)
+        record(report)
+
+    def uuid(self) -> str:
+        import tp_passes
+
+        package = Path(tp_passes.__file__).parent
+        sources = get_hash_for_files(tuple(sorted(str(p) for p in package.rglob("*.py"))))
+        key = json.dumps([self.config.to_dict(), tp_passes.__version__], sort_keys=True)
+        return hashlib.sha256(key.encode() + sources).hexdigest()
