@@ -188,6 +188,40 @@ def _rank(rank, world, dialect, dtype, tokens, options):
     }
 
 
+def _rank_pass_manager(rank, world, dialect, dtype, tokens, options):
+    """The block compiled by plain Inductor with vLLM's PostGradPassManager as the post-grad
+    pass and our pass added to it, as vLLM's VLLM_COMPILE backend sets it up on CUDA."""
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.compilation.passes.pass_manager import PostGradPassManager
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.config.utils import Range
+
+    from tp_passes.vllm.passes import VllmTPPass
+
+    torch._dynamo.reset()
+    cfg = VllmConfig()
+    with set_current_vllm_config(cfg):
+        _vllm_parallel_state(rank, world)
+        block = _block(dialect, dtype)
+        ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(1))
+        manager = PostGradPassManager()
+        manager.configure(cfg)
+        manager.add(VllmTPPass(TPConfig.from_dict(options)))
+        with torch.no_grad(), pass_context(Range(start=1, end=1024)):
+            ref = block(ids)
+            # fx_graph_cache off: a cache hit from an earlier run would skip the passes
+            options = {"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
+            got = torch.compile(block, dynamic=True, options=options)(ids)
+            uuid_ = manager.uuid()  # covers our pass's uuid
+    report = all_reports()[-1]
+    return {
+        "diff": ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item(),
+        "entries": [(e.rewrite, e.module, e.applied, e.reason) for e in report.entries],
+        "collectives": report.collectives,
+        "uuid": uuid_,
+    }
+
+
 N_AR = 2 * LAYERS + 1  # embedding + o_proj + down_proj per layer
 SP = {"sequence_parallel": True}  # the cost model keeps vLLM's all-reduce on CPU
 FC2_SP = {"flashcomm2": 1, "sequence_parallel": True}
@@ -207,8 +241,14 @@ SP_CASES = {
 FC2_CASES = [("vllm.all_reduce", F32, 7, FC2_SP), ("shm", F32, 7, FC2_SP)]  # world 2
 
 
+PASS_MANAGER_CASE = ("vllm.all_reduce", F32, 5, FC2_SP)  # world 2, vLLM's CUDA dialect
+
+
 def _cases(rank, world, cases):
-    return [_rank(rank, world, *case) for case in cases]
+    out = [_rank(rank, world, *case) for case in cases]
+    if world == 2:
+        out.append(_rank_pass_manager(rank, world, *PASS_MANAGER_CASE))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +260,8 @@ def results() -> dict:
         per_rank = _ranks(_cases, world, cases)
         for i, case in enumerate(cases):
             out[(world, repr(case))] = [r[i] for r in per_rank]
+        if world == 2:
+            out["pass_manager"] = [r[-1] for r in per_rank]
     return out
 
 
@@ -298,3 +340,20 @@ def _divergent_eager(rank, world):
 def test_eager_plan_that_differs_across_ranks_raises_instead_of_hanging():
     msgs = _ranks(_divergent_eager, 2)
     assert all(m and "differs across ranks" in m for m in msgs), msgs
+
+
+def test_vllm_post_grad_pass_manager_runs_the_rewrites(results):
+    """vLLM's PostGradPassManager (its passes, then ours, then fix_functionalization) on
+    vLLM's layers: equal outputs on every rank, sequence parallelism at every all-reduce,
+    FlashComm2 skipped with the reason (no real weights in a post-grad pass)."""
+    for r in results["pass_manager"]:
+        assert r["diff"] <= 1e-5, r["diff"]
+        sp = [m for rw, m, ok, _ in r["entries"] if rw == "sequence_parallel" and ok]
+        assert len(sp) == N_AR, r["entries"]
+        fc2 = [why for rw, _, ok, why in r["entries"] if rw == "flashcomm2"]
+        assert len(fc2) == 1 and "post-grad pass cannot provide" in fc2[0], r["entries"]
+        assert r["collectives"] == {
+            "reduce_scatter_tensor": N_AR,
+            "all_gather_into_tensor": N_AR,
+        }, r["collectives"]
+    assert len({r["uuid"] for r in results["pass_manager"]}) == 1

@@ -221,3 +221,62 @@ def test_wire_bytes_per_token_follow_the_ring_formulas():
     assert _wire_per_token("embedding_tp", 2, 128, 128, f32) == 8 + 512
     # lm_head [V=512, H=128], k=4: all_gather h (3 * 128 * 4) + all_to_all (3/4 * 512 * 4)
     assert _wire_per_token("lmhead_tp", 4, 128, 512, f32) == 1536 + 1536
+
+
+def _on_platform(monkeypatch, route: str) -> None:
+    """Make vLLM's current platform answer as CUDA or Ascend (the translation only asks)."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: route == "cuda")
+    monkeypatch.setattr(current_platform, "device_name", "npu" if route == "ascend" else "cuda")
+
+
+def test_cuda_keeps_vllm_compile_and_installs_the_post_grad_pass(monkeypatch):
+    """On CUDA the default mode stays (piecewise, CUDA graphs, compile cache); the rewrites
+    run as vLLM's post-grad pass, with graph partition on and AR+RMSNorm fusion off."""
+    import os
+
+    from tp_passes.vllm.config import uses_tp_passes
+    from tp_passes.vllm.passes import PASS_KEY, VllmTPPass
+
+    _on_platform(monkeypatch, "cuda")
+    cfg = _config("tp_passes", monkeypatch)
+    cfg.additional_config = {"tp_passes": {"sequence_parallel": True}}
+    graphs = cfg.compilation_config.cudagraph_mode
+    select_compilation_mode(cfg)
+    cc = cfg.compilation_config
+    assert cc.mode == CompilationMode.VLLM_COMPILE and cc.backend == "inductor"
+    assert cc.use_inductor_graph_partition is True and cc.pass_config.fuse_allreduce_rms is False
+    assert cc.cudagraph_mode == graphs
+    p = cc.inductor_compile_config[PASS_KEY]
+    assert isinstance(p, VllmTPPass) and p.config == TPConfig(sequence_parallel=True)
+    assert uses_tp_passes(cfg)  # the load-time hooks still see tp_passes
+    assert "VLLM_USE_AOT_COMPILE" not in os.environ  # vLLM's compile cache stays on
+    select_compilation_mode(cfg)  # idempotent: the pass is ours
+    assert cc.inductor_compile_config[PASS_KEY].uuid() == p.uuid()
+
+
+def test_cuda_refuses_settings_that_would_hide_the_all_reduces(monkeypatch):
+    _on_platform(monkeypatch, "cuda")
+    cfg = _config("tp_passes", monkeypatch)
+    cfg.compilation_config.pass_config.fuse_allreduce_rms = True
+    with pytest.raises(ValueError, match="fuse_allreduce_rms=True"):
+        select_compilation_mode(cfg)
+    cfg = _config("tp_passes", monkeypatch, use_inductor_graph_partition=False)
+    with pytest.raises(ValueError, match="use_inductor_graph_partition=False"):
+        select_compilation_mode(cfg)
+
+
+def test_cuda_with_mode_2_uses_the_backend(monkeypatch):
+    _on_platform(monkeypatch, "cuda")
+    cfg = _config("tp_passes", monkeypatch, mode=CompilationMode.DYNAMO_TRACE_ONCE)
+    select_compilation_mode(cfg)
+    assert cfg.compilation_config.backend == "tp_passes"
+    assert "post_grad_custom_post_pass" not in cfg.compilation_config.inductor_compile_config
+
+
+def test_ascend_says_what_it_needs_instead_of_running_nothing(monkeypatch):
+    _on_platform(monkeypatch, "ascend")
+    with pytest.raises(ValueError, match="graph_fusion_manager"):
+        select_compilation_mode(_config("tp_passes", monkeypatch))

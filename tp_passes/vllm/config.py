@@ -92,31 +92,116 @@ def host(options: Mapping[str, Any] | None) -> Host | None:
 
 
 def uses_tp_passes(vllm_config: Any) -> bool:
-    return getattr(vllm_config.compilation_config, "backend", "") == BACKEND
+    """The user asked for tp_passes: as the backend, or (after `select_compilation_mode`
+    moved it there on CUDA) as vLLM's post-grad pass."""
+    cc = vllm_config.compilation_config
+    if getattr(cc, "backend", "") == BACKEND:
+        return True
+    from tp_passes.vllm.passes import PASS_KEY
+
+    return type(cc.inductor_compile_config.get(PASS_KEY)).__name__ == "VllmTPPass"
+
+
+ASCEND = (
+    "tp_passes: on Ascend, vllm-ascend compiles only in modes NONE and VLLM_COMPILE and runs "
+    "graph passes only through its GraphFusionPassManager (compilation_config "
+    "inductor_passes key 'graph_fusion_manager', npugraph_ex off); tp_passes does not "
+    "install itself there yet. Use enforce_eager=True (the eager rewrites and module TP "
+    "across DP run at model load), or leave the backend unset"
+)
+
+
+def platform_route(platform: Any) -> str:
+    """ "cpu", "cuda" (CUDA and ROCm), "ascend", or "other"."""
+    if platform.is_cpu():
+        return "cpu"
+    if platform.is_cuda_alike():
+        return "cuda"
+    if getattr(platform, "device_name", "") == "npu" or "npu" in type(platform).__name__.lower():
+        return "ascend"
+    return "other"
 
 
 def select_compilation_mode(vllm_config: Any) -> None:
-    """Make a bare ``compilation_config={"backend": "tp_passes"}`` reach our backend.
+    """Make ``compilation_config={"backend": "tp_passes"}`` reach the rewrites, per platform.
 
-    vLLM's default mode (VLLM_COMPILE, piecewise) accepts only "eager"/"inductor", and on
-    CPU the platform swaps any backend for Inductor. With the mode unset we choose
-    DYNAMO_TRACE_ONCE: one Dynamo trace of the whole model, guards dropped, token dim
-    dynamic, handed to the backend as one graph (the mode vLLM itself uses on CPU).
-    Custom ops default to "none" (native torch ops), as vLLM does for Inductor. vLLM's
-    AOT compile cache is turned off for it: the compiled function holds
-    rank-specific derived weights and process groups, which it cannot serialize, and a
-    graph loaded from disk would skip the cross-rank agreement.
+    - CUDA / ROCm, mode unset or VLLM_COMPILE (3): vLLM's own compilation is kept
+      (piecewise + CUDA graphs, its compile cache) and the rewrites run as its post-grad
+      pass (`install_post_grad_pass`). Rewrites needing real weights (FlashComm2) are
+      skipped there with that reason; set mode 2 to use them through our backend.
+    - CPU, and CUDA with mode 1 or 2 set: our backend under DYNAMO_TRACE_ONCE
+      (`use_backend`), vLLM's own choice on CPU.
+    - Ascend: a clear error (`ASCEND`): vllm-ascend would force the mode to NONE silently.
     """
     from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
 
     cc = vllm_config.compilation_config
     if not uses_tp_passes(vllm_config):
         return
+    config_from_vllm(vllm_config)  # bad keys fail here, in the user's process
+    route = platform_route(current_platform)
+    eager = getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)
+    if route == "ascend" and not eager:
+        raise ValueError(ASCEND)
+    if route == "cuda" and cc.mode in (None, CompilationMode.VLLM_COMPILE):
+        install_post_grad_pass(vllm_config)
+        return
+    use_backend(vllm_config, cpu=route == "cpu")
+
+
+def install_post_grad_pass(vllm_config: Any) -> None:
+    """VLLM_COMPILE with Inductor, our pass after vLLM's passes, Inductor graph partition
+    on (the pass sees the whole model, attention included, and Inductor splits it for
+    piecewise CUDA graphs afterwards), vLLM's all-reduce + RMSNorm fusion off (it would
+    consume the all-reduces the rewrites take). CUDA graphs and the compile cache stay."""
+    from vllm.config import CompilationMode
+
+    from tp_passes.vllm.passes import PASS_KEY, VllmTPPass
+
+    cc = vllm_config.compilation_config
+    if cc.pass_config.fuse_allreduce_rms:
+        raise ValueError(
+            "tp_passes: compilation_config pass_config.fuse_allreduce_rms=True fuses the "
+            "all-reduces tp_passes rewrites; set it to False (or leave it unset)"
+        )
+    if cc.use_inductor_graph_partition is False:
+        raise ValueError(
+            "tp_passes: compilation_config use_inductor_graph_partition=False splits the graph "
+            "at attention before the pass runs, so a token-sharded residual cannot cross "
+            "it; leave it unset (tp_passes turns it on)"
+        )
+    existing = cc.inductor_compile_config.get(PASS_KEY)
+    if existing is not None and type(existing).__name__ != "VllmTPPass":
+        raise ValueError(
+            f"tp_passes: compilation_config already has a {PASS_KEY} ({existing!r}); "
+            "tp_passes needs that slot for its pass"
+        )
+    cc.mode = CompilationMode.VLLM_COMPILE
+    cc.backend = "inductor"
+    cc.use_inductor_graph_partition = True
+    cc.pass_config.fuse_allreduce_rms = False
+    cc.inductor_compile_config[PASS_KEY] = VllmTPPass(config_from_vllm(vllm_config))
+
+
+def use_backend(vllm_config: Any, *, cpu: bool) -> None:
+    """Our backend on one whole-model graph (DYNAMO_TRACE_ONCE).
+
+    vLLM's default mode (VLLM_COMPILE, piecewise) accepts only "eager"/"inductor" as its
+    backend, and on CPU the platform swaps any backend for Inductor. With the mode unset we
+    choose DYNAMO_TRACE_ONCE: one Dynamo trace of the whole model, guards dropped, token
+    dim dynamic, handed to the backend as one graph (the mode vLLM itself uses on CPU).
+    Custom ops default to "none" (native torch ops), as vLLM does for Inductor. vLLM's
+    AOT compile cache is turned off for it: the compiled function holds rank-specific
+    derived weights and process groups, which it cannot serialize, and a graph loaded
+    from disk would skip the cross-rank agreement.
+    """
+    from vllm.config import CompilationMode
+
+    cc = vllm_config.compilation_config
     if cc.mode is None:
         cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
+        if cpu:
             # the Inductor settings vLLM's CPU platform gives its own DYNAMO_TRACE_ONCE
             # compile (vllm/platforms/cpu.py); it skips them once the mode is set, and our
             # inner Inductor compile must match the default backend's
@@ -124,8 +209,9 @@ def select_compilation_mode(vllm_config: Any) -> None:
                 cc.inductor_compile_config.setdefault(key, value)
     if cc.mode == CompilationMode.VLLM_COMPILE:
         raise ValueError(
-            "tp_passes: compilation_config mode=VLLM_COMPILE (3) cannot run backend 'tp_passes'; "
-            "leave mode unset (tp_passes then uses DYNAMO_TRACE_ONCE) or set it to 1 or 2"
+            "tp_passes: compilation_config mode=VLLM_COMPILE (3) cannot run backend 'tp_passes' "
+            "on this platform; leave mode unset (tp_passes then uses DYNAMO_TRACE_ONCE) or set "
+            "it to 1 or 2"
         )
     if not any(base in cc.custom_ops for base in ("all", "none")):
         # native torch ops (as vLLM picks for Inductor): rms_norm & co. stay visible to
@@ -137,4 +223,3 @@ def select_compilation_mode(vllm_config: Any) -> None:
             "(the rewritten graph holds rank-specific weights and groups); unset it"
         )
     os.environ["VLLM_USE_AOT_COMPILE"] = "0"  # inherited by the engine and worker processes
-    config_from_vllm(vllm_config)  # bad keys fail here, in the user's process

@@ -93,12 +93,16 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     """
     from tp_passes.vllm import module_tp
 
+    from vllm.distributed import get_pp_group, get_tp_group
+
     config = config_from_vllm(vllm_config)
+    # the config is agreed at load, not only inside a compile: a graph from vLLM's compile
+    # cache runs without the compiler's own agreement
+    for coordinator in (get_tp_group(), get_pp_group()):
+        agree_across_ranks(config.to_dict(), "the tp_passes config", group=coordinator.cpu_group)
     plan = model.__dict__.get(module_tp.PLAN_ATTR) or module_tp.DPPlan()
     entries = plan.entries + module_tp.install(model, plan)
     if not compiled:
-        from vllm.distributed import get_tp_group
-
         # layers sharded across DP hold DP shards: they keep vLLM's own TP reduce
         planned = {id(m) for p in plan.modules for m in p.layer.modules()}
 
