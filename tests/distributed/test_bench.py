@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,3 +80,36 @@ def test_comm_bytes_bench_meets_the_analytic_minimum(tmp_path):
         assert r["measured_bytes_per_rank"] >= r["analytic_min_bytes_per_rank"]
         if "note" not in r:
             assert r["measured_bytes_per_rank"] == r["analytic_min_bytes_per_rank"], r
+
+
+def test_cuda_route_script_checks_the_pass_and_fails_loudly_without_a_gpu(tmp_path):
+    """bench/cuda_route.py is for GPU machines; its Inductor-pass step runs on CPU too, and
+    without CUDA its default run exits non-zero instead of skipping."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "cuda_route.py"),
+            "--device",
+            "cpu",
+            "--no-vllm",
+            "--out",
+            str(tmp_path / "cuda_route.json"),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
+    data = json.loads((tmp_path / "cuda_route.json").read_text())
+    checks = data["inductor_pass"]["checks"]
+    assert checks["all_applied"] and checks["sequence_parallel_sites"] == 5, checks
+    assert checks["reduce_scatter_in_code"] and checks["all_gather_in_code"], checks
+    if not torch.cuda.is_available():
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "cuda_route.py")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode != 0 and "no CUDA device" in proc.stderr, proc.stderr[-500:]
