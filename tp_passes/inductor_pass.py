@@ -14,10 +14,16 @@ enters Inductor's FX graph cache key: a cached graph is reused only for the same
 rewrites, and on a cache hit the pass does not run (the cached code already holds them).
 
 Rewrites that need real weights (FlashComm2's gathered o_proj, module TP shards) cannot
-run here: a post-grad pass sees fake tensors and cannot add graph inputs. They are
-skipped with that reason; use ``backend="tp_passes"``, or inside vLLM the load-time plan.
-The cross-rank plan agreement runs inside the pass (on a cache hit it does not run,
-nor does anything else that could disagree).
+run inside the pass: it sees fake tensors and cannot add graph inputs. They are planned
+before compiling, on the real model, by `TPPass.prepare(model)` (the eager path: the
+weights are derived once and the modules' forwards carry the collectives, which the pass
+then sees in the graph); unprepared, they are skipped with that reason. The cross-rank
+plan agreement runs in `prepare` and inside the pass (on a cache hit the pass does not
+run; the prepared weights and the agreement of `prepare` still do).
+
+    pass_ = tp_passes.TPPass({"flashcomm2": 1, "sequence_parallel": True})
+    pass_.prepare(model)            # collective: every rank, before compiling
+    torch.compile(model, options={"post_grad_custom_post_pass": pass_})
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from tp_passes.report import (
 
 NEEDS_WEIGHTS = (
     "needs real weights (a derived weight bound as a graph input), which an Inductor "
-    "post-grad pass cannot provide; use backend='tp_passes' (or, in vLLM, the load-time plan)"
+    "post-grad pass cannot provide; call TPPass.prepare(model) before compiling, or use "
+    "backend='tp_passes'"
 )
 
 
@@ -56,6 +63,24 @@ class TPPass(CustomGraphPass):
 
     def __init__(self, config: TPConfig | Mapping[str, Any] | None = None) -> None:
         self.config = config if isinstance(config, TPConfig) else TPConfig.from_dict(config or {})
+        self.prepared: list[dict] = []  # the entries of `prepare`
+
+    def weight_rewrites(self) -> list[str]:
+        """The configured rewrites that need real weights."""
+        return [n for n in (*MODULE_NAME_KEYS, "flashcomm2") if getattr(self.config, n)]
+
+    def prepare(self, model: Any) -> list[dict]:
+        """Apply the weight rewrites to `model` before compiling (collective: every rank);
+        sequence parallelism and mm + reduce-scatter are left to the pass."""
+        from tp_passes.eager import parallelize
+
+        only = dataclasses.replace(
+            self.config, sequence_parallel=False, fuse_mm_reduce_scatter=False
+        )
+        self.prepared = [
+            e for e in parallelize(model, only) if e["rewrite"] in self.weight_rewrites()
+        ]
+        return self.prepared
 
     def __call__(self, graph: fx.Graph) -> None:
         from torch._inductor.decomposition import select_decomp_table
@@ -69,12 +94,14 @@ class TPPass(CustomGraphPass):
         dumper = Dumper(self.config.dump, self.config.dump_dir, report.graph_id)
         dumper.graph("post_grad", gm)
         report.measure_before(gm)
-        # the post-grad graph's inputs are nameless fakes: weight rewrites cannot even be
-        # matched, so each configured one is reported once, as skipped
-        weighted = [n for n in (*MODULE_NAME_KEYS, "flashcomm2") if getattr(self.config, n)]
+        # the post-grad graph's inputs are nameless fakes: weight rewrites were planned by
+        # `prepare` (its entries are reported with this graph) or are skipped here
+        weighted = self.weight_rewrites()
+        prepared = [Entry(**e) for e in self.prepared]
         skipped = [
             Entry(n, "", False, NEEDS_WEIGHTS, getattr(self.config, n), blocked=True)
             for n in weighted
+            if n not in {e.rewrite for e in prepared}
         ]
         refuse_blocked(skipped, self.config.strict)
         done = rewrite_graph(
@@ -83,7 +110,7 @@ class TPPass(CustomGraphPass):
             decompositions=select_decomp_table(),  # inserted ops as Inductor expects them
             dumper=dumper,
         )
-        done.entries[:0] = skipped
+        done.entries[:0] = prepared + skipped
         report.entries, report.layout = done.entries, done.layout
         report.measure_after(gm)
         dumper.graph("final", gm)

@@ -11,7 +11,7 @@ from tp_passes.testing import run_ranks
 T = 13  # not a multiple of 2 or 4
 
 
-def _compile_and_compare(rank, world, cache_dir):
+def _compile_and_compare(rank, world, cache_dir, prepare):
     import os
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
@@ -29,6 +29,8 @@ def _compile_and_compare(rank, world, cache_dir):
     with torch.no_grad():
         ref = model(ids)
         pass_ = tp_passes.TPPass({"sequence_parallel": True, "flashcomm2": 1})
+        if prepare:  # FlashComm2's gathered o_proj weights, on the real model, before compiling
+            pass_.prepare(model)
         got = torch.compile(model, options={"post_grad_custom_post_pass": pass_})(ids)
     entries = last_report() if counters["inductor"]["fxgraph_cache_miss"] else []
     return {
@@ -36,20 +38,29 @@ def _compile_and_compare(rank, world, cache_dir):
         "hits": counters["inductor"]["fxgraph_cache_hit"],
         "misses": counters["inductor"]["fxgraph_cache_miss"],
         "applied": sorted({e["rewrite"] for e in entries if e["applied"]}),
+        "fc2_applied": sum(e["rewrite"] == "flashcomm2" and e["applied"] for e in entries),
         "skipped": {e["rewrite"]: e["reason"] for e in entries if not e["applied"]},
     }
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_post_grad_pass_equals_uncompiled_and_survives_the_fx_graph_cache(world, tmp_path):
-    first = run_ranks(_compile_and_compare, world, str(tmp_path), timeout=400)
+    """FlashComm2 planned on the real model by `prepare`, sequence parallelism by the pass
+    on the post-grad graph; then new processes reuse Inductor's FX graph cache."""
+    first = run_ranks(_compile_and_compare, world, str(tmp_path), True, timeout=400)
     for r in first:
         assert r["err"] < 1e-5 and r["misses"] >= 1 and r["hits"] == 0, r
-        assert r["applied"] == ["mm_reduce_scatter", "sequence_parallel"], r
-        assert "post-grad pass cannot provide" in r["skipped"]["flashcomm2"], r
-    second = run_ranks(_compile_and_compare, world, str(tmp_path), timeout=400)
+        assert r["applied"] == ["flashcomm2", "mm_reduce_scatter", "sequence_parallel"], r
+        assert r["fc2_applied"] == 2, r  # o_proj of both layers
+    second = run_ranks(_compile_and_compare, world, str(tmp_path), True, timeout=400)
     for r in second:  # new processes, same cache: the cached rewritten graph, no pass
         assert r["err"] < 1e-5 and r["hits"] >= 1 and r["misses"] == 0, r
+
+
+def test_weight_rewrites_without_prepare_are_skipped_with_the_reason(tmp_path):
+    for r in run_ranks(_compile_and_compare, 2, str(tmp_path), False, timeout=400):
+        assert r["err"] < 1e-5 and r["applied"] == ["mm_reduce_scatter", "sequence_parallel"]
+        assert "TPPass.prepare(model)" in r["skipped"]["flashcomm2"], r
 
 
 def test_uuid_follows_the_config():
