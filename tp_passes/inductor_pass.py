@@ -69,16 +69,18 @@ class TPPass(CustomGraphPass):
         """The configured rewrites that need real weights."""
         return [n for n in (*MODULE_NAME_KEYS, "flashcomm2") if getattr(self.config, n)]
 
-    def prepare(self, model: Any) -> list[dict]:
+    def prepare(self, model: Any, recognize: Any = None) -> list[dict]:
         """Apply the weight rewrites to `model` before compiling (collective: every rank);
-        sequence parallelism and mm + reduce-scatter are left to the pass."""
+        sequence parallelism and mm + reduce-scatter are left to the pass. `recognize`:
+        how row-parallel layers are found (`tp_passes.eager.parallelize`'s argument)."""
         from tp_passes.eager import parallelize
 
         only = dataclasses.replace(
             self.config, sequence_parallel=False, fuse_mm_reduce_scatter=False
         )
+        kwargs = {"recognize": recognize} if recognize is not None else {}
         self.prepared = [
-            e for e in parallelize(model, only) if e["rewrite"] in self.weight_rewrites()
+            e for e in parallelize(model, only, **kwargs) if e["rewrite"] in self.weight_rewrites()
         ]
         return self.prepared
 

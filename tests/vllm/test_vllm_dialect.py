@@ -206,9 +206,13 @@ def _rank_pass_manager(rank, world, dialect, dtype, tokens, options):
         ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(1))
         manager = PostGradPassManager()
         manager.configure(cfg)
-        manager.add(VllmTPPass(TPConfig.from_dict(options)))
-        with torch.no_grad(), pass_context(Range(start=1, end=1024)):
+        pass_ = VllmTPPass(TPConfig.from_dict(options))
+        with torch.no_grad():
             ref = block(ids)
+            # what the plugin does at vLLM's model load on this route: FlashComm2's weights
+            pass_.inner.prepare(block, as_vllm_row_parallel)
+        manager.add(pass_)
+        with torch.no_grad(), pass_context(Range(start=1, end=1024)):
             # fx_graph_cache off: a cache hit from an earlier run would skip the passes
             options = {"post_grad_custom_post_pass": manager, "fx_graph_cache": False}
             got = torch.compile(block, dynamic=True, options=options)(ids)
@@ -344,16 +348,18 @@ def test_eager_plan_that_differs_across_ranks_raises_instead_of_hanging():
 
 def test_vllm_post_grad_pass_manager_runs_the_rewrites(results):
     """vLLM's PostGradPassManager (its passes, then ours, then fix_functionalization) on
-    vLLM's layers: equal outputs on every rank, sequence parallelism at every all-reduce,
-    FlashComm2 skipped with the reason (no real weights in a post-grad pass)."""
+    vLLM's layers, FlashComm2 prepared on the layers first (as at vLLM's model load):
+    equal outputs on every rank; FlashComm2 at both o_proj, sequence parallelism at the
+    other all-reduces (embedding, down_proj)."""
     for r in results["pass_manager"]:
         assert r["diff"] <= 1e-5, r["diff"]
+        fc2 = sorted(m for rw, m, ok, _ in r["entries"] if rw == "flashcomm2" and ok)
+        assert fc2 == [f"layers.{i}.o_proj" for i in range(LAYERS)], r["entries"]
         sp = [m for rw, m, ok, _ in r["entries"] if rw == "sequence_parallel" and ok]
-        assert len(sp) == N_AR, r["entries"]
-        fc2 = [why for rw, _, ok, why in r["entries"] if rw == "flashcomm2"]
-        assert len(fc2) == 1 and "post-grad pass cannot provide" in fc2[0], r["entries"]
+        assert len(sp) == LAYERS + 1, r["entries"]
         assert r["collectives"] == {
-            "reduce_scatter_tensor": N_AR,
-            "all_gather_into_tensor": N_AR,
+            "reduce_scatter_tensor": LAYERS + 1,
+            "all_gather_into_tensor": LAYERS + 1 + LAYERS,  # + FlashComm2's, one per o_proj
+            "all_to_all_single": LAYERS,
         }, r["collectives"]
     assert len({r["uuid"] for r in results["pass_manager"]}) == 1

@@ -25,6 +25,7 @@ from tp_passes.eager import RowParallel, parallelize
 from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
 from tp_passes.vllm.config import config_from_vllm
+from tp_passes.vllm.passes import installed_pass
 
 
 def _device_group(module: nn.Module) -> Any:
@@ -102,13 +103,18 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
         agree_across_ranks(config.to_dict(), "the tp_passes config", group=coordinator.cpu_group)
     plan = model.__dict__.get(module_tp.PLAN_ATTR) or module_tp.DPPlan()
     entries = plan.entries + module_tp.install(model, plan)
-    if not compiled:
+    planned = {id(m) for p in plan.modules for m in p.layer.modules()}
+
+    def recognize(m: nn.Module) -> RowParallel | None:
         # layers sharded across DP hold DP shards: they keep vLLM's own TP reduce
-        planned = {id(m) for p in plan.modules for m in p.layer.modules()}
+        return None if id(m) in planned else as_vllm_row_parallel(m)
 
-        def recognize(m: nn.Module) -> RowParallel | None:
-            return None if id(m) in planned else as_vllm_row_parallel(m)
-
+    post_grad = installed_pass(vllm_config.compilation_config)
+    if compiled and post_grad is not None:
+        # vLLM's post-grad route (CUDA): FlashComm2's weights are derived here, at load,
+        # and its collectives traced from the layers' forwards; the pass does the rest
+        entries += [Entry(**e) for e in post_grad.inner.prepare(model, recognize)]
+    if not compiled:
         # TP ranks must rewrite the same layers the same way, or their collectives hang
         found = [name for name, m in model.named_modules() if recognize(m) is not None]
         agree_across_ranks(
