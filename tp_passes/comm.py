@@ -13,6 +13,7 @@ sliced off when gathered.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -31,8 +32,11 @@ def shard_rows(x: torch.Tensor, n: int, j: int) -> torch.Tensor:
     return flat.narrow(0, j * rows, rows)
 
 
-def reduce_scatter_rows(p: torch.Tensor, group: str, n: int) -> torch.Tensor:
-    """Sum over the group, keep my row chunk: [T, F] partial -> [Tl, F] full sum."""
+def reduce_scatter_rows(p: torch.Tensor, group: str, n: int, native: Any = None) -> torch.Tensor:
+    """Sum over the group, keep my row chunk: [T, F] partial -> [Tl, F] full sum.
+    `native`: a host's own collectives (`tp_passes.fx.NativeCollectives`) to emit instead."""
+    if native is not None:
+        return native.reduce_scatter(pad_rows(p, n), 0, n, native.group)
     return funcol.reduce_scatter_single(pad_rows(p, n), "sum", 0, group)
 
 

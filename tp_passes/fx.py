@@ -60,6 +60,18 @@ class AllReduce:
     partial: fx.Node
     group_name: str
     dialect: str = "c10d_functional"
+    # the host's own reduce-scatter / all-gather for this group, emitted by the rewrites
+    # instead of torch's functional collectives (vLLM: ops its CUDA graphs capture)
+    native: NativeCollectives | None = None
+
+
+@dataclass(frozen=True)
+class NativeCollectives:
+    """A host's collectives over dim 0, as ops called ``op(x, dim, world_size, group)``."""
+
+    reduce_scatter: Any  # [n*T, F] -> [T, F], summed
+    all_gather: Any  # [T, F] -> [n*T, F]
+    group: str  # the host's name of the group (vLLM: "tp:0")
 
 
 def custom_op(namespace: str, name: str) -> Any:

@@ -149,7 +149,10 @@ class FlashComm2(Rewrite):
             rows = sharding.size(mm.x, 0)
             shape = sharding.output_shape(site, mm, rows)
         twin = sharding.splice(produce, [mm.x, w_node, *b_nodes], before)
-        sharding.add(before, Sharded(twin, site.ar.group_name, site.n, site.j, rows, shape))
+        sharding.add(
+            before,
+            Sharded(twin, site.ar.group_name, site.n, site.j, rows, shape, site.ar.native),
+        )
         w = m.derived[0]
         m.entries[0].details.update(
             weight_bytes_before=weight_bytes([w.source]),

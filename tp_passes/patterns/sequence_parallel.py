@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tp_passes import comm, cost
-from tp_passes.fx import VIEW_OPS, Matmul, c10d, is_call, splice, val
+from tp_passes.fx import VIEW_OPS, Matmul, NativeCollectives, c10d, is_call, splice, val
 from tp_passes.lowering import mm_reduce_scatter_impl
 from tp_passes.patterns.base import (
     GraphContext,
@@ -94,6 +94,7 @@ class Sharded:
     j: int
     rows: Any  # T: int or SymInt node
     shape: list[Any]  # full shape: ints / SymInt nodes (view args)
+    native: NativeCollectives | None = None  # the host's all-gather, if it has its own
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -164,9 +165,13 @@ class TokenSharding:
             s = self.sharded[node]
             if s.twin not in self._gathered:  # views of one value share one all_gather
                 with self.graph.inserting_after(s.twin):
-                    g = self.emit(c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group))
-                with self.graph.inserting_after(g):
-                    w = self.emit(c10d.wait_tensor.default, (g,))
+                    if s.native is not None:  # the host's op, no separate wait
+                        g = w = self.emit(s.native.all_gather, (s.twin, 0, s.n, s.native.group))
+                    else:
+                        g = self.emit(c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group))
+                if s.native is None:
+                    with self.graph.inserting_after(g):
+                        w = self.emit(c10d.wait_tensor.default, (g,))
                 with self.graph.inserting_after(w):
                     self._gathered[s.twin] = self.emit(aten.slice.Tensor, (w, 0, 0, s.rows))
             with self.graph.inserting_before(node):
@@ -250,7 +255,9 @@ class TokenSharding:
                     if out.dim() != 2:
                         return None
                     shape = [ref.rows, feat]  # [-1, F]: all the tokens, a size known before here
-                return Sharded(self.sharded[src].twin, ref.group, ref.n, ref.j, ref.rows, shape)
+                return Sharded(
+                    self.sharded[src].twin, ref.group, ref.n, ref.j, ref.rows, shape, ref.native
+                )
             if t in UNARY or t in BINARY:
                 if not all(_same(a, b) for a, b in zip(out.shape[:-1], val(ref_node).shape[:-1])):
                     return None
@@ -269,7 +276,7 @@ class TokenSharding:
         with self.graph.inserting_before(node):
             twin = self.emit(t, args, dict(node.kwargs))
         shape = list(ref.shape[:-1]) + [feat]
-        return Sharded(twin, ref.group, ref.n, ref.j, ref.rows, shape)
+        return Sharded(twin, ref.group, ref.n, ref.j, ref.rows, shape, ref.native)
 
 
 class _NotRowWise(Exception):
@@ -430,24 +437,26 @@ class SequenceParallel(Rewrite):
 
     def replace(self, m: SiteMatch, cx: GraphContext) -> None:
         site, mm = m.site, cx.matmul(m.site)
-        g, n = site.ar.group_name, site.n
+        g, n, native = site.ar.group_name, site.n, site.ar.native
         sharding = TokenSharding.of(cx)
         before = site.ar.result
         with cx.graph.inserting_before(before):
             if mm is not None:
                 rows = sharding.size(mm.x, 0)
                 shape = sharding.output_shape(site, mm, rows)
-                if m.fuse and not m.any_bias:
+                if m.fuse and not m.any_bias and native is None:
                     fn, how = mm_reduce_scatter_impl(val(mm.x).device.type, n, g)
                     twin = sharding.splice(lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before)
                 else:
                     how = (
                         "decomposed mm + reduce_scatter (bias before the reduce)"
                         if m.any_bias
+                        else f"unfused: the host's own reduce_scatter ({site.ar.dialect})"
+                        if native is not None
                         else "unfused"
                     )
                     twin = sharding.splice(
-                        lambda x: comm.reduce_scatter_rows(x, g, n), [mm.mm], before
+                        lambda x: comm.reduce_scatter_rows(x, g, n, native), [mm.mm], before
                     )
                 for e in m.entries:
                     if e.rewrite == "mm_reduce_scatter":
@@ -457,11 +466,11 @@ class SequenceParallel(Rewrite):
                 rows = sharding.rows_of(partial)
                 shape = sharding.shape_of(partial)
                 twin = sharding.splice(
-                    lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n),
+                    lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n, native),
                     [partial],
                     before,
                 )
-        sharding.add(before, Sharded(twin, g, n, site.j, rows, shape))
+        sharding.add(before, Sharded(twin, g, n, site.j, rows, shape, native))
 
     def finish(self, cx: GraphContext, matches: list[SiteMatch]) -> str | None:
         chosen = [c.chosen for c in self.choices(cx).values()]

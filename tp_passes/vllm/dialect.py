@@ -47,13 +47,15 @@ def shm_group_name(handle: int) -> str:
 
 def vllm_all_reduce(node: Any) -> Any:
     """``vllm.all_reduce(x, group_name="tp:0")`` (CUDA, ROCm, XPU, NPU custom op)."""
-    from tp_passes.fx import AllReduce, custom_op
+    from tp_passes.fx import AllReduce, NativeCollectives, custom_op
 
     op = custom_op("vllm", "all_reduce")
     if op is None or node.target is not op:
         return None
     name = node.kwargs.get("group_name", node.args[1] if len(node.args) > 1 else None)
-    return AllReduce(node, node.args[0], torch_group_name(name), "vllm.all_reduce")
+    rs, ag = custom_op("vllm", "reduce_scatter"), custom_op("vllm", "all_gather")
+    native = NativeCollectives(rs, ag, name) if rs is not None and ag is not None else None
+    return AllReduce(node, node.args[0], torch_group_name(name), "vllm.all_reduce", native)
 
 
 def shm_all_reduce(node: Any) -> Any:
