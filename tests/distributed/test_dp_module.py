@@ -66,7 +66,9 @@ def _all_kinds(rank, world, dtype, tokens):
     return out
 
 
-@pytest.mark.parametrize("world, tokens", [(2, [3, 0]), (2, [5, 2]), (4, [1, 7, 0, 3])], ids=str)
+@pytest.mark.parametrize(
+    "world, tokens", [(2, [3, 0]), (2, [5, 2]), (2, [0, 0]), (4, [1, 7, 0, 3])], ids=str
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_rank_equals_the_unsharded_layer(world, tokens, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -102,14 +102,16 @@ class DPModule:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The op's body: pad to the group's largest row count, exchange, cut."""
-        flat = x.reshape(-1) if self.kind == "embedding_tp" else x.reshape(-1, x.shape[-1])
+        ids = self.kind == "embedding_tp"
+        flat = x.reshape(-1) if ids else x.reshape(-1, x.shape[-1])
+        lead = x.shape if ids else x.shape[:-1]  # the output is [*lead, width]
         rows = flat.shape[0]
         t_max = agree_rows(rows, self.code, self.key, self.group.group_name, self.k)
         self.calls["calls"] += 1
         self.calls["empty"] += rows == 0
         self.calls["padded"] += rows < t_max
         if t_max == 0:  # every rank empty: no exchange (same decision on every rank)
-            return x.new_zeros(*x.shape[:-1], self.width, dtype=out_dtype(self, x))
+            return x.new_zeros(*lead, self.width, dtype=out_dtype(self, x))
         pad = (0, t_max - rows) if flat.dim() == 1 else (0, 0, 0, t_max - rows)
         padded, g, k = F.pad(flat, pad), self.group.group_name, self.k
         if self.kind == "oproj_tp":
@@ -121,7 +123,6 @@ class DPModule:
         else:
             y = comm.mlp_dp(padded, None, None, None, g, k, local=self.local)
         y = _waited(y)[:rows]
-        lead = x.shape if self.kind == "embedding_tp" else x.shape[:-1]
         return y.reshape(*lead, y.shape[-1])
 
 
