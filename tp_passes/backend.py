@@ -54,6 +54,7 @@ class Rewritten:
     derived: list[weights.Derived]  # extra graph inputs, in placeholder order
     checked_groups: dict[str, Any] = field(default_factory=dict)  # equal T per call (strict)
     layout: str = ""
+    rings: list[Any] = field(default_factory=list)  # shared-weight rings, bound after `derived`
 
 
 def _agree(cx: GraphContext, found: Found, released: list[str]) -> list[list[list[Any]]]:
@@ -156,6 +157,7 @@ def rewrite_graph(
         cx.derived,
         cx.checked_groups,
         describe_layout(cx.layout, cx.layout_reason),
+        cx.rings,
     )
 
 
@@ -201,17 +203,17 @@ def tp_passes_backend(
             report.entries, report.layout = done.entries, done.layout
         if decomps is not None:
             decompose_kept(aten_gm, decomps, fake_mode)
-        bound = weights.BoundWeights(done.derived)
+        bound = weights.BoundWeights(done.derived, done.rings)
         phs = list(aten_gm.graph.find_nodes(op="placeholder"))
         weights.note_read([t for t, p in zip(real, phs) if p.users])
-        fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in bound.values]
+        fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in bound.inputs]
         report.measure_after(aten_gm)
         compiled = inner_compile(config, aten_gm, list(inputs) + fakes)
         dumper.graph("final", aten_gm)
         dumper.report(report)
         record(report)
         checked = list(done.checked_groups.values()) if config.strict else []
-        return bound.wrap(compiled, checked) if bound.derived else compiled
+        return bound.wrap(compiled, checked) if bound.derived or bound.rings else compiled
 
     def training(aten_gm: fx.GraphModule, inputs: list[Any]):
         report = GraphReport(next_graph_id(), rank())

@@ -28,11 +28,12 @@ VLLM_ASCEND_ALIASES = {
     "flashcomm2_oproj_tensor_parallel_size": "flashcomm2",
 }
 
-_SIZE_FIELDS = ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp", "flashcomm2")
+_SIZE_FIELDS = ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp", "flashcomm2", "prefetch_step")
 _AUTO_FIELDS = ("sequence_parallel", "fuse_mm_reduce_scatter")
 _BOOL_FIELDS = ("release_weights", "strict", "dump", "include_draft_and_vision")
 MODULE_NAME_KEYS = ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp")
-_STR_FIELDS = ("inner", "dump_dir")
+_STR_FIELDS = ("inner", "dump_dir", "shared_weights_group")
+SHARED_WEIGHT_GROUPS = ("stage", "dp", "tp")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,19 @@ class TPConfig:
     # (keys: oproj_tp, embedding_tp, lmhead_tp, mlp_tp; mlp_tp names the MLP module)
     module_names: dict[str, tuple[str, ...]] | None = None
     include_draft_and_vision: bool = False  # select under mtp/vision/visual paths too
+    # shared-weight series: module names whose weights form one series each (e.g.
+    # ("o_proj",)); layer i is kept on rank i mod k of the group, the others receive it
+    # into a ring of prefetch_step + 1 windows, broadcast prefetch_step layers ahead
+    shared_weights: tuple[str, ...] = ()
+    # the ranks that share a series: "stage" (every DP x PCP x TP rank of a pipeline stage:
+    # a weight replicated there, e.g. FlashComm2's full-width o_proj), "dp" (the same TP
+    # shard across DP ranks) or "tp"; the weights must be equal on them (checked)
+    shared_weights_group: str = "stage"
+    prefetch_step: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.shared_weights, list):  # lists from JSON / dicts, hashable here
+            object.__setattr__(self, "shared_weights", tuple(self.shared_weights))
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name))
         if self.flashcomm2 and self.oproj_tp:
@@ -170,6 +182,16 @@ def _parse_value(key: str, name: str, value: Any) -> Any:
     """Convert a string (env var, CLI) to the field's type; leave typed values alone."""
     if not isinstance(value, str):
         return value
+    if name == "shared_weights":  # "o_proj,down_proj" or a JSON list
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                return tuple(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"TPConfig: {key} must be names or a JSON list: {e}") from None
+        return tuple(n.strip() for n in text.split(",") if n.strip())
     if name == "module_names":
         import json
 
@@ -202,7 +224,8 @@ def _check_type(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"TPConfig: {name} must be an int, got {value!r}")
         if value < 0:
-            raise ValueError(f"TPConfig: {name} must be >= 0 (0 = off), got {value}")
+            off = "" if name == "prefetch_step" else " (0 = off)"
+            raise ValueError(f"TPConfig: {name} must be >= 0{off}, got {value}")
     elif name in _AUTO_FIELDS:
         if not (isinstance(value, bool) or value == "auto"):
             raise ValueError(f"TPConfig: {name} must be True, False or 'auto', got {value!r}")
@@ -223,9 +246,19 @@ def _check_type(name: str, value: Any) -> None:
                 raise ValueError(
                     f"TPConfig: module_names[{k!r}] must be a list of names, got {names!r}"
                 )
+    elif name == "shared_weights":
+        if isinstance(value, str) or not all(isinstance(n, str) and n for n in value):
+            raise ValueError(
+                f"TPConfig: shared_weights must be a list of module names, got {value!r}"
+            )
     elif name in _STR_FIELDS:
         if not isinstance(value, str):
             raise ValueError(f"TPConfig: {name} must be a string, got {value!r}")
+        if name == "shared_weights_group" and value not in SHARED_WEIGHT_GROUPS:
+            raise ValueError(
+                f"TPConfig: shared_weights_group must be one of {', '.join(SHARED_WEIGHT_GROUPS)}, "
+                f"got {value!r}"
+            )
         if name == "inner" and value not in INNER_COMPILERS:
             raise ValueError(
                 f"TPConfig: inner must be one of {', '.join(INNER_COMPILERS)}, got {value!r}"

@@ -12,7 +12,9 @@ trace, so the two paths compute the same numbers:
 - FlashComm2: all_to_all + full-width o_proj + all_gather; the gathered weight is made
   once here and becomes the layer's `weight`;
 - sequence parallelism / mm + reduce-scatter: ``all_gather(reduce_scatter(x @ w.T))``
-  inside the layer (the same bytes as the all-reduce: it exists for parity).
+  inside the layer (the same bytes as the all-reduce: it exists for parity);
+- shared-weight series, last: each layer's weight kept on one rank of a group and
+  broadcast ahead of its use into a ring of windows (`shared_weights.share_eager`).
 
 Layers that own their all-reduce (a row-parallel linear whose forward ends in the reduce)
 are found by a `recognize` function (vLLM passes its own).
@@ -32,6 +34,7 @@ from tp_passes.config import TPConfig
 from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.patterns import REWRITES, FlashComm2, GraphContext, ModuleTP, SequenceParallel
+from tp_passes.patterns import shared_weights
 from tp_passes.patterns.module_tp import find_module_candidates, parallelize_modules, selects
 from tp_passes.report import Entry, refuse_blocked
 
@@ -97,10 +100,12 @@ def parallelize(
     tp_groups = sorted(
         {tuple(sorted(dist.get_process_group_ranks(rp.group))) for rp in rps.values()}
     )
+    series = shared_weights.find_eager(model, config)
     invariant = {
         "config": config.to_dict(),
         "modules": [c.invariant() for c in cands],
         "row_parallel": sorted(rps),
+        "series": series,
     }
     local = ([c.match.local() for c in cands], tp_groups)
     everyone = agree_across_ranks(
@@ -120,6 +125,8 @@ def parallelize(
     rewritten = tuple(c.path for c in cands if c.match.apply)
     cx = GraphContext(None, config, [], [], None, layout=layout, layout_reason=why)
     entries += _row_parallel(model, cx, rps, rewritten, device_type)
+    # last, as on the graph path: a series shares the weight each layer reads by now
+    entries += shared_weights.share_eager(model, config, layout, why, series)
     return [asdict(e) for e in entries]
 
 

@@ -67,7 +67,8 @@ class TPPass(CustomGraphPass):
 
     def weight_rewrites(self) -> list[str]:
         """The configured rewrites that need real weights."""
-        return [n for n in (*MODULE_NAME_KEYS, "flashcomm2") if getattr(self.config, n)]
+        names = (*MODULE_NAME_KEYS, "flashcomm2", "shared_weights")
+        return [n for n in names if getattr(self.config, n)]
 
     def prepare(self, model: Any, recognize: Any = None) -> list[dict]:
         """Apply the weight rewrites to `model` before compiling (collective: every rank);
@@ -108,7 +109,9 @@ class TPPass(CustomGraphPass):
         refuse_blocked(skipped, self.config.strict)
         done = rewrite_graph(
             gm,
-            dataclasses.replace(self.config, **{n: 0 for n in weighted}),
+            dataclasses.replace(
+                self.config, **{n: () if n == "shared_weights" else 0 for n in weighted}
+            ),
             decompositions=select_decomp_table(),  # inserted ops as Inductor expects them
             dumper=dumper,
         )

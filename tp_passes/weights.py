@@ -107,12 +107,16 @@ class Derived:
     like: torch.Tensor | None = None  # shape/dtype of the zeros a rank without source adds
     value: torch.Tensor | None = None
     made_from: tuple | None = None  # state(source) when `value` was made
+    # False: still built whenever the other ranks build it (a "gather" is a collective),
+    # but neither bound to the graph nor cached: a shared series' layer this rank does
+    # not own (`forget`)
+    keep: bool = True
 
     def _cache_key(self) -> tuple:
         return (self.spec.key(), self.name)
 
     def cached(self) -> torch.Tensor | None:
-        hit = getattr(self.anchor, ATTR, {}).get(self._cache_key())
+        hit = getattr(self.anchor, ATTR, {}).get(self._cache_key()) if self.keep else None
         return (
             hit[1]
             if hit is not None and hit[0] == (state(self.source), state(self.anchor))
@@ -120,10 +124,20 @@ class Derived:
         )
 
     def build(self) -> None:
-        self.value = derive(self.source, self.spec, self.like)
+        value = derive(self.source, self.spec, self.like)
         self.made_from = state(self.source)
+        if not self.keep:
+            return
+        self.value = value
         store = dict(getattr(self.anchor, ATTR, {}))
         store[self._cache_key()] = ((self.made_from, state(self.anchor)), self.value)
+        setattr(self.anchor, ATTR, store)
+
+    def forget(self) -> None:
+        """Drop the value and its cache entry from now on (see `keep`)."""
+        self.keep, self.value = False, None
+        store = dict(getattr(self.anchor, ATTR, {}))
+        store.pop(self._cache_key(), None)
         setattr(self.anchor, ATTR, store)
 
 
@@ -185,19 +199,17 @@ def release_unread(
     them (`read`: ids) or no owning module is known to guard them (noted in the report)."""
     for m in matches:
         entry = m.entries[0] if m.entries else None
-        for d in m.derived:
-            if d.source is None or d.spec.kind == "sum" or entry is None:
+        for name, source in m.replaced_weights():
+            if entry is None:
                 continue
-            if id(d.source) in read:
-                entry.details.setdefault("kept_full_weights", []).append(d.name)
-            elif id(d.source) not in owner_of:  # no module to guard: never a silent empty tensor
+            if id(source) in read:
+                entry.details.setdefault("kept_full_weights", []).append(name)
+            elif id(source) not in owner_of:  # no module to guard: never a silent empty tensor
                 entry.details.setdefault("kept_full_weights", []).append(
-                    f"{d.name} (owner not found)"
+                    f"{name} (owner not found)"
                 )
             else:
-                release(
-                    d.source, d.name, f"{entry.rewrite} at {entry.module}", *owner_of[id(d.source)]
-                )
+                release(source, name, f"{entry.rewrite} at {entry.module}", *owner_of[id(source)])
 
 
 def refuse_reading_released(inputs: list[Any], names: list[str], read: set[int]) -> None:
@@ -240,14 +252,21 @@ _LIVE: list[weakref.ref] = []  # BoundWeights of live compiled graphs, in creati
 
 @dataclass(eq=False)
 class BoundWeights:
-    """The derived weights one compiled graph takes as extra inputs."""
+    """The derived weights one compiled graph takes as extra inputs (the kept ones, in
+    placeholder order), then the windows of its shared-weight rings."""
 
     derived: list[Derived]
+    rings: list[Any] = field(default_factory=list)  # shared_weights.Ring, placeholder order
     values: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.values = [d.value for d in self.derived]
+        self.values = [d.value for d in self.derived if d.keep]
         _LIVE.append(weakref.ref(self))
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """The extra inputs as they are bound now (for the compiler's example inputs)."""
+        return self.values + [t for r in self.rings for t in r.windows_in_order()]
 
     def wrap(self, compiled: Any, checked_groups: list[Any]) -> Any:
         """A boxed callable: `compiled` with the derived weights appended to its inputs.
@@ -260,14 +279,18 @@ class BoundWeights:
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
                 what = "input shapes (token counts) across a module TP group"
                 agree_across_ranks(shapes, what, group=pg)
-            return compiled(list(args) + self.check())
+            out = compiled(list(args) + self.check() + self.inputs[len(self.values) :])
+            for ring in self.rings:  # one forward ran: the next starts len(series) steps on
+                ring.advance()
+            return out
 
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
 
     def check(self) -> list[torch.Tensor]:
         """The values to pass; re-shard sources updated in place (local, no collective)."""
-        for i, d in enumerate(self.derived):
+        changed = False
+        for d in self.derived:
             if d.source is None or state(d.source) == d.made_from:
                 continue
             if d.spec.collective or is_released(d.source):
@@ -277,7 +300,9 @@ class BoundWeights:
                     "graph; call tp_passes.refresh_weights() on every rank after updating weights"
                 )
             d.build()
-            self.values[i] = d.value
+            changed = True
+        if changed:
+            self.values = [d.value for d in self.derived if d.keep]
         return self.values
 
 
@@ -285,7 +310,8 @@ def refresh_weights() -> int:
     """Rebuild the derived weights of every live compiled graph from their sources.
 
     Collective: call on every rank, after updating weights (RL weight sync, a reload, a
-    write through `param.data`). Sources freed by release_weights cannot be rebuilt: they
+    write through `param.data`); it also refills the windows shared-weight rings
+    prefetched for the next forward. Sources freed by release_weights cannot be rebuilt: they
     are skipped while unchanged, and raise (on every rank) if they changed. Returns the
     number of derived weights rebuilt.
     """
@@ -305,6 +331,7 @@ def refresh_weights() -> int:
         from tp_passes.groups.registry import agree_across_ranks
 
         plan = [(b.derived[i].name, b.derived[i].spec.kind) for b, i in todo]
+        plan.append([ring.names for ring in live_rings()])
         everyone = agree_across_ranks(
             plan, "refresh_weights() (derived weights of compiled graphs)", lost
         )
@@ -316,7 +343,22 @@ def refresh_weights() -> int:
             "(reload the model and compile again)"
         )
     for b, i in todo:
-        d = b.derived[i]
-        d.build()
-        b.values[i] = d.value
+        b.derived[i].build()
+    for b in live:
+        b.values = [d.value for d in b.derived if d.keep]
+    for ring in live_rings():  # windows prefetched before the update hold the old weights
+        ring.fill()
     return len(todo)
+
+
+_RINGS: list[weakref.ref] = []  # shared-weight rings (graph and eager), in creation order
+
+
+def register_ring(ring: Any) -> None:
+    _RINGS.append(weakref.ref(ring))
+
+
+def live_rings() -> list[Any]:
+    rings = [r for r in (ref() for ref in _RINGS) if r is not None]
+    _RINGS[:] = [weakref.ref(r) for r in rings]
+    return rings

@@ -63,6 +63,11 @@ def _classify(node: fx.Node) -> tuple[str, dict[str, Any] | None] | None:
         n = _resolve_process_group(node.args[3]).size()
         row = {"op": "all_to_all", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n}
         return "all_to_all_single", row
+    if t in (c10d.broadcast_.default, c10d.broadcast.default):
+        # pipelined ring broadcast: every rank but the last forwards the S bytes
+        n = _resolve_process_group(node.args[2]).size()
+        row = {"op": "broadcast", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n}
+        return name.split(".")[1], row
     if name.startswith("_c10d_functional.") and "wait" not in name:
         return name.split(".")[1], None
     return None

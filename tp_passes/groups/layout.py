@@ -208,3 +208,58 @@ class RankLayout:
             if rank in group:
                 return group
         raise ValueError(f"RankLayout: rank {rank} is in none of the groups {groups}")
+
+
+@dataclass(frozen=True)
+class SeriesSchedule:
+    """Ownership and prefetch order of a shared-weight series: pure arithmetic.
+
+    The `length` layers of a series run in order, every forward. Layer i lives on group
+    rank ``i mod k`` only; the other ranks receive it into a ring of
+    ``windows = prefetch + 1`` buffers. Steps count the layers run since the ring was
+    filled, across forwards: step s runs layer ``s mod length`` from window
+    ``s mod windows``. Before step s computes, the broadcast for step ``s + prefetch`` is
+    issued (near the end of a forward: the next forward's first layers, the ring wraps);
+    step s waits for its own broadcast only. The windows of steps s..s+prefetch are then
+    ``windows`` distinct buffers, and the one the new broadcast overwrites was last read
+    by step s - 1, which has finished.
+    """
+
+    length: int
+    k: int
+    prefetch: int
+
+    @property
+    def windows(self) -> int:
+        return self.prefetch + 1
+
+    def error(self) -> str:
+        """Why this series cannot be shared ('' if it can)."""
+        if self.k < 2:
+            return f"the group has {self.k} rank: there is nothing to share"
+        if self.length < 2:
+            return f"a series needs at least 2 layers, found {self.length}"
+        if not 0 <= self.prefetch <= self.length - 2:
+            return (
+                f"prefetch_step={self.prefetch} must be in [0, {self.length - 2}] for a series "
+                f"of {self.length} layers (a ring of prefetch_step + 1 windows smaller than "
+                "the series)"
+            )
+        return ""
+
+    def owner(self, layer: int) -> int:
+        return layer % self.k
+
+    def owned(self, j: int) -> list[int]:
+        """The layers group rank j keeps."""
+        return list(range(j, self.length, self.k))
+
+    def window(self, step: int) -> int:
+        return step % self.windows
+
+    def layer(self, step: int) -> int:
+        return step % self.length
+
+    def resident_layers(self, j: int) -> int:
+        """Layer-sized buffers group rank j holds: its own layers plus the ring."""
+        return len(self.owned(j)) + self.windows

@@ -63,7 +63,19 @@ def required_groups(config: TPConfig, layout: RankLayout) -> dict[str, Groups]:
             plan["fc2_otp"], plan["fc2_odp"] = layout.flashcomm2_groups(config.flashcomm2)
     except ValueError as e:
         raise ValueError(f"tp_passes: {field_name} does not fit the layout: {e}") from None
+    if config.shared_weights:
+        which = config.shared_weights_group
+        plan[f"shared_{which}"] = shared_weight_partition(layout, which)
     return plan
+
+
+def shared_weight_partition(layout: RankLayout, which: str) -> Groups:
+    """The rank lists a shared-weight series is spread over (`TPConfig.shared_weights_group`)."""
+    return {
+        "stage": layout.shared_weight_groups,
+        "dp": layout.dp_groups,
+        "tp": layout.tp_groups,
+    }[which]()
 
 
 def default_backend() -> str:
@@ -277,6 +289,12 @@ def flashcomm2_groups(layout: RankLayout, m: int) -> tuple[NamedGroup, NamedGrou
     """My ("fc2_otp", "fc2_odp") groups for flashcomm2=m inside my TP group of `layout`."""
     otp_lists, odp_lists = registry_for(layout).layout.flashcomm2_groups(m)
     return _named(layout, "fc2_otp", otp_lists), _named(layout, "fc2_odp", odp_lists)
+
+
+def shared_weight_group(layout: RankLayout, which: str) -> NamedGroup:
+    """My group ("shared_stage", "shared_dp" or "shared_tp") for a shared-weight series."""
+    lists = shared_weight_partition(registry_for(layout).layout, which)
+    return _named(layout, f"shared_{which}", lists)
 
 
 def describe_layout(layout: RankLayout | None, why: str) -> str:

@@ -11,6 +11,7 @@ from tp_passes.patterns.base import GraphContext, Match, Rewrite, Site, SiteMatc
 from tp_passes.patterns.flashcomm2 import FlashComm2
 from tp_passes.patterns.module_tp import MLPTP, EmbeddingTP, LMHeadTP, ModuleTP, OProjTP
 from tp_passes.patterns.sequence_parallel import SequenceParallel
+from tp_passes.patterns.shared_weights import SharedWeights
 
 REWRITES: tuple[Rewrite, ...] = (
     OProjTP(),
@@ -19,6 +20,7 @@ REWRITES: tuple[Rewrite, ...] = (
     MLPTP(),
     FlashComm2(),
     SequenceParallel(),
+    SharedWeights(),  # last: it shares the weight each linear reads after the others
 )
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "OProjTP",
     "Rewrite",
     "SequenceParallel",
+    "SharedWeights",
     "Site",
     "SiteMatch",
     "find_sites",

@@ -128,6 +128,9 @@ class GraphContext:
     derived: list[weights.Derived] = field(default_factory=list)  # extra inputs, bound in order
     checked_groups: dict[str, Any] = field(default_factory=dict)  # equal token counts per call
     shared: dict[str, Any] = field(default_factory=dict)  # state families share (token sharding)
+    rings: list[Any] = field(
+        default_factory=list
+    )  # shared-weight rings: windows bound after `derived`
 
     @property
     def graph(self) -> fx.Graph:
@@ -190,6 +193,15 @@ class Match:
         """This rank's own fact, exchanged with the others before `decide` (a bias that
         vLLM adds on TP rank 0 only)."""
         return None
+
+    def replaced_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the full weights the applied match no longer reads: freed with
+        release_weights=True unless a graph still reads them."""
+        return [
+            (d.name, d.source)
+            for d in self.derived
+            if d.source is not None and d.spec.kind != "sum"
+        ]
 
 
 @dataclass

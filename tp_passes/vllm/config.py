@@ -45,7 +45,14 @@ def config_from_vllm(
     cfg = TPConfig.from_dict(
         tp_passes_dict(getattr(vllm_config, "additional_config", None)), base=base
     )
-    return TPConfig.from_dict(options or {}, base=cfg)
+    cfg = TPConfig.from_dict(options or {}, base=cfg)
+    if cfg.shared_weights:
+        raise ValueError(
+            f"tp_passes: shared_weights={list(cfg.shared_weights)} is not available inside vLLM "
+            "yet (its weights would have to be planned at load time, as module TP's are); use "
+            "it with torch.compile(backend='tp_passes') or tp_passes.parallelize"
+        )
+    return cfg
 
 
 CPU_INDUCTOR_DEFAULTS = {
