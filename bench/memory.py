@@ -7,6 +7,12 @@ bf16 on the meta device (no memory is allocated); shards are made by the same co
 rewrites use (`weights.derive` with a "shard" spec) on a fake process group of k ranks,
 and their bytes are compared with the analytic full/k.
 
+The FlashComm2 rows price the o_proj series per rank at TP n with m = 1 (FlashComm2 keeps
+the full-width [7168, 16384] weight of every layer on every rank) against the same with
+a shared-weight series over the TP group ("o_shared": layer i kept on rank i mod n, a
+ring of prefetch_step + 1 windows), from `SeriesSchedule`, the arithmetic the rewrite
+runs; the worst rank (the one owning the most layers) is reported.
+
 The W8A8 run puts these figures next to vllm-ascend's published ones (its Fine-grained TP
 guide: DeepSeek-R1-W8A8, DP32, fine-grained TP 8, memory saved per card: o_proj 5.8, LM
 head 1.51, FFN 0.9, embedding 1.51, total 9.72 "GB"): in W8A8 the o_proj and MLP weights
@@ -26,6 +32,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from tp_passes import weights
+from tp_passes.groups.layout import SeriesSchedule
 
 HIDDEN, O_IN, VOCAB, LAYERS, DENSE_LAYERS, INTER = 7168, 128 * 128, 129280, 61, 3, 18432
 DTYPE = torch.bfloat16
@@ -82,6 +89,26 @@ def measure(k: int, w8a8: bool = False) -> dict:
         dist.destroy_process_group()
 
 
+def flashcomm2_o_shared(n: int, prefetch: int = 1) -> dict:
+    """o_proj bytes per rank at TP n: plain TP, FlashComm2 (m = 1), FlashComm2 + o_shared."""
+    layer = HIDDEN * O_IN * DTYPE.itemsize
+    sched = SeriesSchedule(LAYERS, n, prefetch)
+    worst = max(range(n), key=lambda j: sched.resident_layers(j))
+    shared = sched.resident_layers(worst) * layer
+    return {
+        "tp": n,
+        "prefetch_step": prefetch,
+        "plain_tp_GiB": round(LAYERS * layer / n / 2**30, 3),
+        "flashcomm2_GiB": round(LAYERS * layer / 2**30, 3),
+        "flashcomm2_o_shared_GiB": round(shared / 2**30, 3),
+        "owned_layers_worst_rank": len(sched.owned(worst)),
+        "ring_windows": sched.windows,
+        "broadcast_GiB_per_step_worst_rank": round(
+            (LAYERS - len(sched.owned(worst))) * layer / 2**30, 3
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/out/memory.json")
@@ -106,6 +133,14 @@ def main() -> None:
         print(
             f"W8A8 k=8 {name:20s} saved {row['saved_GiB_per_rank']:6.3f} GiB per rank "
             f"(vllm-ascend published {row['published']})"
+        )
+    result["flashcomm2_o_proj"] = [flashcomm2_o_shared(n) for n in (8, 16)]
+    for row in result["flashcomm2_o_proj"]:
+        print(
+            f"o_proj TP {row['tp']:2d}: plain TP {row['plain_tp_GiB']:6.2f} GiB, FlashComm2 "
+            f"{row['flashcomm2_GiB']:6.2f} GiB, FlashComm2 + o_shared (prefetch_step 1) "
+            f"{row['flashcomm2_o_shared_GiB']:6.2f} GiB per rank "
+            f"({row['broadcast_GiB_per_step_worst_rank']} GiB broadcast per step)"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -62,6 +62,16 @@ def test_memory_bench_matches_one_kth(tmp_path):
     assert set(published) == {"o_proj", "embedding", "lm_head", "mlp (dense layers)", "total"}
     for name, row in published.items():
         assert abs(row["saved_GiB_per_rank"] / row["published"] - 1) < 0.1, (name, row)
+    # FlashComm2's full-width o_proj with and without the o_shared series (prefetch_step 1)
+    layer_gib = 7168 * 16384 * 2 / 2**30
+    rows = {r["tp"]: r for r in data["flashcomm2_o_proj"]}
+    assert sorted(rows) == [8, 16]
+    for n, row in rows.items():
+        assert row["flashcomm2_GiB"] == round(61 * layer_gib, 3)
+        owned = -(-61 // n)  # the worst rank owns ceil(61 / n) layers
+        assert row["owned_layers_worst_rank"] == owned and row["ring_windows"] == 2
+        assert row["flashcomm2_o_shared_GiB"] == round((owned + 2) * layer_gib, 3)
+        assert row["plain_tp_GiB"] < row["flashcomm2_o_shared_GiB"] < row["flashcomm2_GiB"] / 5
 
 
 def test_comm_bytes_bench_meets_the_analytic_minimum(tmp_path):

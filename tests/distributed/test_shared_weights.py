@@ -57,10 +57,11 @@ def _final_graph_order(dump_dir, rank):
 def _run_case(rank, world, case, dump_dir):
     mode, L, p, dtype, fc2 = case["mode"], case["layers"], case["p"], case["dtype"], case["fc2"]
     torch._dynamo.reset()
-    group = torch.distributed.group.WORLD if fc2 else None  # FlashComm2: a TP model
+    tp_model = fc2 or case.get("tp_shard")
+    group = torch.distributed.group.WORLD if tp_model else None  # a TP model
     cfg = ModelConfig(layers=L, vocab=40, intermediate=24)
-    gen = torch.Generator().manual_seed(100 + (0 if fc2 else rank))  # TP: the same ids
-    T = 5 if fc2 else 3 + 2 * rank  # uneven, and different on every DP rank
+    gen = torch.Generator().manual_seed(100 + (0 if tp_model else rank))  # TP: the same ids
+    T = 5 if tp_model else 3 + 2 * rank  # uneven, and different on every DP rank
     inputs = [torch.randint(0, cfg.vocab, (T,), generator=gen) for _ in range(FORWARDS)]
     with torch.no_grad():
         ref_model = RefLlama(cfg, group).to(dtype)
@@ -71,8 +72,8 @@ def _run_case(rank, world, case, dump_dir):
             "prefetch_step": p,
             "flashcomm2": 1 if fc2 else 0,
             "sequence_parallel": False,
-            "strict": True,
-            "release_weights": True,
+            "strict": not case.get("tp_shard"),
+            "release_weights": not case.get("update"),
         }
         if mode == "parallelize":
             entries = tp_passes.parallelize(model, tp_passes.TPConfig(**options))
@@ -80,9 +81,21 @@ def _run_case(rank, world, case, dump_dir):
         else:
             options.update(inner=mode, dump=bool(dump_dir), dump_dir=dump_dir or "./unused")
             run = torch.compile(model, backend="tp_passes", options=options, fullgraph=True)
+        if case.get("out_of_order"):  # layer 1 before layer 0: refused before any broadcast
+            try:
+                model.layers[1].self_attn.o_proj(torch.zeros(2, 64, dtype=dtype))
+            except RuntimeError as e:
+                out_of_order = str(e)
         outs = [run(ids) for ids in inputs]
         if mode != "parallelize":
             entries = tp_passes.last_report()
+        if case.get("update"):  # weights updated in place on every rank, then refreshed
+            for m in (ref_model, model):
+                for layer in m.layers:
+                    layer.self_attn.o_proj.weight.mul_(1.5)
+            tp_passes.refresh_weights()
+            refs.append(ref_model(inputs[0]))
+            outs.append(run(inputs[0]))
     errs = [
         ((o.float() - r.float()).abs().max() / r.float().abs().max()).item()
         for o, r in zip(outs, refs)
@@ -104,6 +117,8 @@ def _run_case(rank, world, case, dump_dir):
         )
     if fc2 and mode == "parallelize":
         out["gathered_bytes"] = sum(_storage(w) for w in o_proj)
+    if case.get("out_of_order"):
+        out["out_of_order"] = out_of_order
     if dump_dir:
         out["order"] = _final_graph_order(dump_dir, rank)
     return out
@@ -171,6 +186,10 @@ def _world_cases(world):
     cases += [_case("eager", 3, 1, torch.bfloat16), _case("parallelize", 3, 1, torch.bfloat16)]
     if world == 2:
         cases.append(_case("inductor", L, 2))
+        cases.append(_case("eager", L, 1, update=True))
+        cases.append(_case("parallelize", L, 1, out_of_order=True))
+        cases.append(_case("eager", L, 1, tp_shard=True))  # TP shards differ: skipped
+        cases.append(_case("parallelize", L, 1, tp_shard=True))
     for mode in ("eager", "parallelize"):  # FlashComm2 (m = 1) alone, then with the series
         # 6 layers: owned + ring = 3 + 2 (world 2) or 2 + 2 (world 4) windows < 6
         cases.append(_case(mode, 6, 1, fc2=True, fc2_alone=True))
@@ -189,7 +208,7 @@ def ran(request, tmp_path_factory):
 def test_every_rank_equals_the_original_and_holds_owned_layers_plus_ring(ran):
     world, cases, per_rank = ran
     for i, case in enumerate(cases):
-        if case["fc2"]:
+        if case["fc2"] or case.get("tp_shard") or case.get("update"):
             continue
         owned_total = 0
         for res in per_rank:
@@ -225,3 +244,31 @@ def test_flashcomm2_with_shared_series_equal_outputs_less_memory(ran):
             owned = len(entry["details"]["owned_layers"])
             assert s["gathered_bytes"] == owned * full  # only the owned gathered weights stay
             assert s["gathered_bytes"] + s["ring_bytes"] == (owned + R) * full < a["gathered_bytes"]
+
+
+def test_weights_updated_in_place_then_refreshed_and_out_of_order_layers_refused(ran):
+    world, cases, per_rank = ran
+    if world != 2:
+        pytest.skip("world 2 runs these cases")
+    update = next(i for i, c in enumerate(cases) if c.get("update"))
+    order = next(i for i, c in enumerate(cases) if c.get("out_of_order"))
+    for res in per_rank:
+        assert len(res[update]["errs"]) == FORWARDS + 1 and max(res[update]["errs"]) <= 1e-5
+        msg = res[order]["out_of_order"]
+        assert "layers.1.self_attn.o_proj.weight ran out of order" in msg
+        assert "expects layers.0.self_attn.o_proj.weight next" in msg
+
+
+def test_tensor_parallel_shards_are_not_shared(ran):
+    world, cases, per_rank = ran
+    if world != 2:
+        pytest.skip("world 2 runs these cases")
+    for i, case in enumerate(cases):
+        if not case.get("tp_shard"):
+            continue
+        for res in per_rank:
+            assert max(res[i]["errs"]) <= 1e-5
+            (entry,) = res[i]["series"]
+            assert not entry["applied"]
+            assert "differs across the ranks [0, 1]" in entry["reason"], entry["reason"]
+            assert res[i]["o_proj_storage"] == [64 * 32 * 4] * case["layers"]  # untouched

@@ -125,3 +125,18 @@ def test_selection_defaults_exclusions_and_overrides():
     assert selects(custom, "oproj_tp", "h.1.attn.c_proj") and not selects(
         custom, "oproj_tp", "h.1.attn.o_proj"
     )
+
+
+def test_shared_weights_config_from_env_and_dict():
+    env = {"TP_PASSES_SHARED_WEIGHTS": "o_proj, down_proj", "TP_PASSES_PREFETCH_STEP": "2"}
+    cfg = TPConfig.from_env(env)
+    assert cfg.shared_weights == ("o_proj", "down_proj") and cfg.prefetch_step == 2
+    assert TPConfig.from_dict({"shared_weights": '["o_proj"]'}).shared_weights == ("o_proj",)
+    assert TPConfig(shared_weights=["o_proj"]).shared_weights == ("o_proj",)
+    assert TPConfig().shared_weights_group == "stage"
+    with pytest.raises(ValueError, match="prefetch_step must be >= 0, got -1"):
+        TPConfig(prefetch_step=-1)
+    with pytest.raises(ValueError, match="shared_weights_group must be one of stage, dp, tp"):
+        TPConfig(shared_weights_group="world")
+    with pytest.raises(ValueError, match="shared_weights must be a list of module names"):
+        TPConfig(shared_weights="o_proj")

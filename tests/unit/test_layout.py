@@ -165,3 +165,38 @@ def test_layout_inferred_from_tp_groups():
     assert RankLayout.infer([[(0, 1)], [(0, 1)], [(1, 2)], [(2, 3)]])[0] is None
     L, why = RankLayout.infer([[(0, 1), (0, 2)], [(0, 1)], [], []])
     assert L is None and "more than one group" in why
+
+
+# -- shared-weight series schedule ---------------------------------------------------------
+
+
+def test_series_schedule_ring_never_overwrites_a_pending_window():
+    from tp_passes.groups.layout import SeriesSchedule
+
+    for length in range(2, 8):
+        for k in range(2, 5):
+            for p in range(0, length - 1):
+                s = SeriesSchedule(length, k, p)
+                assert s.error() == ""
+                assert sorted(i for j in range(k) for i in s.owned(j)) == list(range(length))
+                assert all(s.owner(i) == i % k for i in range(length))
+                for j in range(k):
+                    assert s.resident_layers(j) == len(s.owned(j)) + p + 1
+                holds = {}  # window -> step whose layer it holds
+                for w in range(p):  # filled before the first step
+                    holds[s.window(w)] = w
+                for step in range(3 * length):  # three forwards: the ring wraps
+                    ahead = step + p
+                    # the window written now held a step that has already run
+                    assert holds.get(s.window(ahead), -1) < step or ahead == step
+                    holds[s.window(ahead)] = ahead
+                    assert holds[s.window(step)] == step  # this step reads its own layer
+                    assert s.layer(step) == step % length
+
+
+def test_series_schedule_errors_name_the_numbers():
+    from tp_passes.groups.layout import SeriesSchedule
+
+    assert "prefetch_step=3 must be in [0, 2]" in SeriesSchedule(4, 2, 3).error()
+    assert "at least 2 layers, found 1" in SeriesSchedule(1, 2, 0).error()
+    assert "1 rank" in SeriesSchedule(4, 1, 0).error()
