@@ -122,6 +122,7 @@ def test_registry_order_is_the_priority():
         "mlp_tp",
         "flashcomm2",
         "sequence_parallel",
+        "shared_weights",
     ]
     assert len({type(r) for r in REWRITES}) == len(REWRITES)
 

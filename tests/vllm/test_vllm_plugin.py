@@ -109,6 +109,15 @@ def test_config_precedence(monkeypatch):
     assert config_from_vllm(_config("tp_passes", monkeypatch), environ={}) == TPConfig()
 
 
+def test_shared_weights_refused_inside_vllm_with_the_field(monkeypatch):
+    cfg = _config("tp_passes", monkeypatch)
+    cfg.additional_config = {"tp_passes": {"flashcomm2": 1, "shared_weights": ["o_proj"]}}
+    with pytest.raises(
+        ValueError, match=r"shared_weights=\['o_proj'\] is not available inside vLLM"
+    ):
+        config_from_vllm(cfg, environ={})
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
