@@ -57,6 +57,13 @@ NEEDS_WEIGHTS = (
 )
 
 
+SHARED_WEIGHTS_ROUTE = (
+    "a shared-weight series binds its ring windows as graph inputs on every call, which a "
+    "post-grad pass cannot do; use backend='tp_passes', or tp_passes.parallelize without "
+    "compiling"
+)
+
+
 class TPPass(CustomGraphPass):
     """Run the tensor-parallel rewrites on Inductor's post-grad graph (every rank of the
     graph's groups must compile the same graph with the same config)."""
@@ -77,7 +84,7 @@ class TPPass(CustomGraphPass):
         from tp_passes.eager import parallelize
 
         only = dataclasses.replace(
-            self.config, sequence_parallel=False, fuse_mm_reduce_scatter=False
+            self.config, sequence_parallel=False, fuse_mm_reduce_scatter=False, shared_weights=()
         )
         kwargs = {"recognize": recognize} if recognize is not None else {}
         self.prepared = [
@@ -102,7 +109,9 @@ class TPPass(CustomGraphPass):
         weighted = self.weight_rewrites()
         prepared = [Entry(**e) for e in self.prepared]
         skipped = [
-            Entry(n, "", False, NEEDS_WEIGHTS, getattr(self.config, n), blocked=True)
+            Entry(n, "", False, SHARED_WEIGHTS_ROUTE, 0, blocked=True)
+            if n == "shared_weights"
+            else Entry(n, "", False, NEEDS_WEIGHTS, getattr(self.config, n), blocked=True)
             for n in weighted
             if n not in {e.rewrite for e in prepared}
         ]

@@ -320,3 +320,22 @@ def test_one_group_name_per_partition(fake_world):
     gm = _trace(_dp_model, *inputs)
     with pytest.raises(ValueError, match="group 'otp' was made by init_groups"):
         rewrite_graph(gm, TPConfig(oproj_tp=4), inputs, DP_NAMES)
+
+
+def test_tppass_skips_shared_weights_with_the_route_to_use(fake_world):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import tp_passes
+    from tp_passes.report import last_report
+
+    pass_ = tp_passes.TPPass({"shared_weights": ["o_proj"], "sequence_parallel": False})
+
+    def graph():
+        f = make_fx(lambda x, w: torch.mm(x, w.t()), tracing_mode="fake")
+        return f(torch.randn(3, 4), torch.randn(5, 4)).graph
+
+    pass_(graph())
+    (entry,) = [e for e in last_report() if e["rewrite"] == "shared_weights"]
+    assert not entry["applied"] and "use backend='tp_passes'" in entry["reason"]
+    with pytest.raises(RuntimeError, match="shared_weights at \\?: a shared-weight series"):
+        tp_passes.TPPass({"shared_weights": ["o_proj"], "strict": True})(graph())
