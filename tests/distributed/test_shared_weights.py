@@ -197,12 +197,26 @@ def _world_cases(world):
     return cases
 
 
+_RUNS: dict[int, tuple] = {}  # world -> (cases, per-rank results): one spawn per world
+
+
+def _ran(world, tmp_path_factory):
+    if world not in _RUNS:
+        cases = _world_cases(world)
+        dump = str(tmp_path_factory.mktemp(f"dump{world}"))
+        _RUNS[world] = (cases, run_ranks(_cases, world, cases, dump, timeout=900))
+    return (world, *_RUNS[world])
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def ran(request, tmp_path_factory):
-    world = request.param
-    cases = _world_cases(world)
-    dump = str(tmp_path_factory.mktemp(f"dump{world}"))
-    return world, cases, run_ranks(_cases, world, cases, dump, timeout=900)
+    return _ran(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ran2(tmp_path_factory):
+    """World 2 only: the update, out-of-order and TP-shard cases."""
+    return _ran(2, tmp_path_factory)
 
 
 def test_every_rank_equals_the_original_and_holds_owned_layers_plus_ring(ran):
@@ -246,10 +260,8 @@ def test_flashcomm2_with_shared_series_equal_outputs_less_memory(ran):
             assert s["gathered_bytes"] + s["ring_bytes"] == (owned + R) * full < a["gathered_bytes"]
 
 
-def test_weights_updated_in_place_then_refreshed_and_out_of_order_layers_refused(ran):
-    world, cases, per_rank = ran
-    if world != 2:
-        pytest.skip("world 2 runs these cases")
+def test_weights_updated_in_place_then_refreshed_and_out_of_order_layers_refused(ran2):
+    world, cases, per_rank = ran2
     update = next(i for i, c in enumerate(cases) if c.get("update"))
     order = next(i for i, c in enumerate(cases) if c.get("out_of_order"))
     for res in per_rank:
@@ -259,13 +271,12 @@ def test_weights_updated_in_place_then_refreshed_and_out_of_order_layers_refused
         assert "expects layers.0.self_attn.o_proj.weight next" in msg
 
 
-def test_tensor_parallel_shards_are_not_shared(ran):
-    world, cases, per_rank = ran
-    if world != 2:
-        pytest.skip("world 2 runs these cases")
-    for i, case in enumerate(cases):
-        if not case.get("tp_shard"):
-            continue
+def test_tensor_parallel_shards_are_not_shared(ran2):
+    world, cases, per_rank = ran2
+    shard_cases = [i for i, case in enumerate(cases) if case.get("tp_shard")]
+    assert len(shard_cases) == 2  # graph and eager
+    for i in shard_cases:
+        case = cases[i]
         for res in per_rank:
             assert max(res[i]["errs"]) <= 1e-5
             (entry,) = res[i]["series"]
