@@ -181,6 +181,7 @@ def tp_passes_backend(
         aot_decomps = {op: fn for op, fn in decomps.items() if op not in KEEP_UNDECOMPOSED}
 
     def inference(aten_gm: fx.GraphModule, inputs: list[Any]):
+        flat_names, flat_real, flat_owners = graph_inputs.aten_inputs(aten_gm, names, real, owners)
         report = GraphReport(next_graph_id(), rank(), config=config.to_dict())
         dumper = Dumper(config.dump, config.dump_dir, report.graph_id)
         dumper.graph("aten", aten_gm)
@@ -192,12 +193,12 @@ def tp_passes_backend(
             done = rewrite_graph(
                 aten_gm,
                 config,
-                real,
-                names,
+                flat_real,
+                flat_names,
                 decompositions=decomps,
                 refused=dict(host.refused),
                 dumper=dumper,
-                owners=owners,
+                owners=flat_owners,
             )
             report.rewrite_ms = (time.perf_counter() - t0) * 1e3
             report.entries, report.layout = done.entries, done.layout
@@ -205,7 +206,7 @@ def tp_passes_backend(
             decompose_kept(aten_gm, decomps, fake_mode)
         bound = weights.BoundWeights(done.derived, done.rings)
         phs = list(aten_gm.graph.find_nodes(op="placeholder"))
-        weights.note_read([t for t, p in zip(real, phs) if p.users])
+        weights.note_read([t for t, p in zip(flat_real, phs) if p.users])
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in bound.inputs]
         report.measure_after(aten_gm)
         compiled = inner_compile(config, aten_gm, list(inputs) + fakes)

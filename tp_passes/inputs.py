@@ -61,3 +61,48 @@ def input_owners(gm: fx.GraphModule, real_inputs: list[Any]) -> list[tuple[Any, 
         found = owner is not None and getattr(owner, leaf, None) is t
         out.append((owner, leaf) if found else None)
     return out
+
+
+def aten_inputs(
+    aten_gm: fx.GraphModule, names: list[str], real: list[Any], owners: list[Any] | None
+) -> tuple[list[str], list[Any], list[Any] | None]:
+    """Names, real values and owners of the ATen graph's placeholders, from Dynamo's.
+
+    aot_autograd flattens a tensor-subclass input (a DTensor parameter of transformers' TP)
+    into its inner tensors, plus symbolic sizes when shapes are dynamic, so the ATen graph
+    can have more inputs than Dynamo's. Each placeholder's descriptor (``meta["desc"]``)
+    says which Dynamo input and which attribute it is: an inner tensor keeps its parameter's
+    module path and its real value is that attribute of the real subclass tensor (a
+    DTensor's local shard). Placeholders that are no tensor of a Dynamo input (subclass
+    sizes) get no name and no value.
+    """
+    phs = list(aten_gm.graph.find_nodes(op="placeholder"))
+    descs = [p.meta.get("desc") for p in phs]
+    if any(d is None for d in descs):  # no descriptors: one placeholder per input
+        return names, real, owners
+    out_names, out_real = [], []
+    out_owners: list[Any] | None = [] if owners is not None else None
+    for p, d in zip(phs, descs):
+        index, attrs = _resolve(d, names)
+        value = real[index] if index is not None and index < len(real) else None
+        for attr in attrs:
+            value = getattr(value, attr, None)
+        out_names.append(names[index] if index is not None and index < len(names) else p.name)
+        out_real.append(value)
+        if out_owners is not None:  # a subclass's inner tensor is not what its owner holds
+            out_owners.append(owners[index] if index is not None and not attrs else None)
+    return out_names, out_real, out_owners
+
+
+def _resolve(desc: Any, names: list[str]) -> tuple[int | None, list[str]]:
+    """(Dynamo input index, attribute chain) of an aot_autograd input descriptor."""
+    from torch._functorch._aot_autograd import descriptors as d
+
+    if isinstance(desc, d.PlainAOTInput):
+        return desc.idx, []
+    if isinstance(desc, (d.ParamAOTInput, d.BufferAOTInput)):
+        return (names.index(desc.target) if desc.target in names else None), []
+    if isinstance(desc, d.SubclassGetAttrAOTInput):
+        index, attrs = _resolve(desc.base, names)
+        return index, [*attrs, desc.attr]
+    return None, []  # subclass sizes / strides, RNG seeds, effect tokens
