@@ -28,6 +28,7 @@ torch's version counter: call `refresh_weights()` after them too.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ def derive(
             )
             return torch.cat(out.chunk(k), dim=spec.dim)
         src = source if source is not None else torch.zeros_like(like)
-        out = src.detach().float()  # exactly one rank contributes: the sum is exact
+        # a copy even when `src` is fp32 already: the all_reduce below writes into `out`
+        out = src.detach().to(torch.float32, copy=True)
         dist.all_reduce(out, group=spec.group)
         return out.to(src.dtype)
 
@@ -111,6 +113,9 @@ class Derived:
     # but neither bound to the graph nor cached: a shared series' layer this rank does
     # not own (`forget`)
     keep: bool = True
+    # graph input indices of source and anchor (compiled graphs: a call's own tensors)
+    source_index: int | None = None
+    anchor_index: int | None = None
 
     def _cache_key(self) -> tuple:
         return (self.spec.key(), self.name)
@@ -253,20 +258,46 @@ _LIVE: list[weakref.ref] = []  # BoundWeights of live compiled graphs, in creati
 @dataclass(eq=False)
 class BoundWeights:
     """The derived weights one compiled graph takes as extra inputs (the kept ones, in
-    placeholder order), then the windows of its shared-weight rings."""
+    placeholder order), then the windows of its shared-weight rings.
+
+    Derived weights are looked up per call from the tensors the call passes in: Dynamo
+    reuses one graph for every layer of the same code (regional compilation, or a graph
+    break inside a layer), each call passing that layer's own parameters. `sets` maps the
+    anchors a call brings (by identity) to the derived weights made from them; the set
+    planned at compile time is the first. A call with anchors not seen before derives
+    theirs (`materialize`: collective over the world, decided by which layer's tensors the
+    call passes, so every rank running the same model derives in the same call).
+    """
 
     derived: list[Derived]
     rings: list[Any] = field(default_factory=list)  # shared_weights.Ring, placeholder order
-    values: list[torch.Tensor] = field(default_factory=list)
+    sets: dict[tuple[int, ...], tuple[list[weakref.ref], list[Derived]]] = field(
+        default_factory=dict
+    )
 
     def __post_init__(self) -> None:
-        self.values = [d.value for d in self.derived if d.keep]
+        if self.derived and self.per_call:
+            anchors = [d.anchor for d in self.derived]
+            self.sets[tuple(map(id, anchors))] = ([weakref.ref(a) for a in anchors], self.derived)
         _LIVE.append(weakref.ref(self))
+
+    @property
+    def per_call(self) -> bool:
+        """Can the derived weights be found from a call's inputs (every anchor is one)?"""
+        return all(d.anchor_index is not None for d in self.derived)
 
     @property
     def inputs(self) -> list[torch.Tensor]:
         """The extra inputs as they are bound now (for the compiler's example inputs)."""
-        return self.values + [t for r in self.rings for t in r.windows_in_order()]
+        return [d.value for d in self.derived if d.keep] + self.windows()
+
+    def windows(self) -> list[torch.Tensor]:
+        return [t for r in self.rings for t in r.windows_in_order()]
+
+    def all_sets(self) -> list[list[Derived]]:
+        """Every set of derived weights this graph holds, alive ones, in creation order."""
+        self.sets = {k: v for k, v in self.sets.items() if all(r() is not None for r in v[0])}
+        return [ds for _, ds in self.sets.values()] or ([self.derived] if self.derived else [])
 
     def wrap(self, compiled: Any, checked_groups: list[Any]) -> Any:
         """A boxed callable: `compiled` with the derived weights appended to its inputs.
@@ -279,7 +310,7 @@ class BoundWeights:
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
                 what = "input shapes (token counts) across a module TP group"
                 agree_across_ranks(shapes, what, group=pg)
-            out = compiled(list(args) + self.check() + self.inputs[len(self.values) :])
+            out = compiled(list(args) + self.check(args) + self.windows())
             for ring in self.rings:  # one forward ran: the next starts len(series) steps on
                 ring.advance()
             return out
@@ -287,10 +318,35 @@ class BoundWeights:
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
 
-    def check(self) -> list[torch.Tensor]:
-        """The values to pass; re-shard sources updated in place (local, no collective)."""
-        changed = False
-        for d in self.derived:
+    def for_call(self, args: list[Any]) -> list[Derived]:
+        """The derived weights of the tensors `args` passes (made now if new)."""
+        if not self.per_call:
+            return self.derived
+        anchors = [args[d.anchor_index] for d in self.derived]
+        hit = self.sets.get(tuple(map(id, anchors)))
+        if hit is not None and all(r() is a for r, a in zip(hit[0], anchors)):
+            return hit[1]
+        fresh = [
+            dataclasses.replace(
+                d,
+                name=f"{d.name} (in a call with another layer's tensors)",
+                source=args[d.source_index] if d.source_index is not None else None,
+                anchor=a,
+                value=None,
+                made_from=None,
+            )
+            for d, a in zip(self.derived, anchors)
+        ]
+        materialize(fresh)
+        self.all_sets()  # drop the sets of tensors that died
+        self.sets[tuple(map(id, anchors))] = ([weakref.ref(a) for a in anchors], fresh)
+        return fresh
+
+    def check(self, args: list[Any]) -> list[torch.Tensor]:
+        """The values to pass for this call; re-shard sources updated in place (local, no
+        collective)."""
+        current = self.for_call(args)
+        for d in current:
             if d.source is None or state(d.source) == d.made_from:
                 continue
             if d.spec.collective or is_released(d.source):
@@ -300,10 +356,7 @@ class BoundWeights:
                     "graph; call tp_passes.refresh_weights() on every rank after updating weights"
                 )
             d.build()
-            changed = True
-        if changed:
-            self.values = [d.value for d in self.derived if d.keep]
-        return self.values
+        return [d.value for d in current if d.keep]
 
 
 def refresh_weights() -> int:
@@ -320,17 +373,13 @@ def refresh_weights() -> int:
     gc.collect()  # graphs dropped by torch._dynamo.reset() must not count on one rank only
     live = [b for b in (ref() for ref in _LIVE) if b is not None]
     _LIVE[:] = [weakref.ref(b) for b in live]
-    todo = [(b, i) for b in live for i, d in enumerate(b.derived) if not is_released(d.source)]
-    lost = [
-        d.name
-        for b in live
-        for d in b.derived
-        if is_released(d.source) and state(d.source) != d.made_from
-    ]
+    every = [d for b in live for ds in b.all_sets() for d in ds]
+    todo = [d for d in every if not is_released(d.source)]
+    lost = [d.name for d in every if is_released(d.source) and state(d.source) != d.made_from]
     if dist.is_initialized():
         from tp_passes.groups.registry import agree_across_ranks
 
-        plan = [(b.derived[i].name, b.derived[i].spec.kind) for b, i in todo]
+        plan = [(d.name, d.spec.kind) for d in todo]
         plan.append([ring.names for ring in live_rings()])
         everyone = agree_across_ranks(
             plan, "refresh_weights() (derived weights of compiled graphs)", lost
@@ -342,10 +391,8 @@ def refresh_weights() -> int:
             "freed them; their derived weights cannot be rebuilt "
             "(reload the model and compile again)"
         )
-    for b, i in todo:
-        b.derived[i].build()
-    for b in live:
-        b.values = [d.value for d in b.derived if d.keep]
+    for d in todo:
+        d.build()
     for ring in live_rings():  # windows prefetched before the update hold the old weights
         ring.fill()
     return len(todo)

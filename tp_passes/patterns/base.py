@@ -164,6 +164,26 @@ class GraphContext:
         phs = list(self.graph.find_nodes(op="placeholder"))
         return {id(self.inputs[i]) for i, p in enumerate(phs[: len(self.inputs)]) if p.users}
 
+    def derive(
+        self,
+        name: str,
+        spec: weights.WeightSpec,
+        source: fx.Node | None,
+        anchor: fx.Node,
+        like: torch.Tensor | None = None,
+    ) -> weights.Derived:
+        """A derived weight of graph input `source` (None: this rank has none), cached on
+        graph input `anchor`; a compiled graph finds both in each call's inputs."""
+        return weights.Derived(
+            name,
+            spec,
+            self.real(source),
+            self.real(anchor),
+            like,
+            source_index=self.input_index(source) if source is not None else None,
+            anchor_index=self.input_index(anchor),
+        )
+
     def bind(self, d: weights.Derived) -> fx.Node:
         """A new graph input for derived weight `d` (bound at run time by the driver)."""
         last = list(self.graph.find_nodes(op="placeholder"))[-1]
@@ -216,8 +236,10 @@ class SiteMatch(Match):
     def invariant(self) -> tuple:
         return (*super().invariant(), self.site.invariant())
 
-    def local(self) -> bool:
-        return self.site.has_bias
+    def local(self) -> tuple[bool, bool]:
+        """(adds a bias before the reduce, that bias is a graph input)."""
+        b = self.site.matmul.bias if self.site.has_bias else None
+        return b is not None, b is not None and b.op == "placeholder"
 
 
 class Rewrite:

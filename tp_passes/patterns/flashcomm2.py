@@ -85,8 +85,10 @@ class FlashComm2(Rewrite):
             return "o_proj weight has no real tensor at compile time"
         return cx.layout_reason if cx.layout is None else ""
 
-    def decide(self, m: SiteMatch, facts: list[bool], cx: GraphContext) -> None:
-        m.any_bias = any(facts)
+    def decide(self, m: SiteMatch, facts: list[tuple[bool, bool]], cx: GraphContext) -> None:
+        m.any_bias = any(has for has, _ in facts)
+        if any(has and not is_input for has, is_input in facts):
+            m.reason = m.reason or "o_proj's bias is computed in the graph, not a graph input"
         m.reason = m.reason or self.blocker(m.site, cx)
         m.apply = not m.reason
         details = {"dialect": m.site.ar.dialect, "cost": self.predicted(m, cx).to_json()}
@@ -121,17 +123,12 @@ class FlashComm2(Rewrite):
         mm = m.site.matmul
         m.groups = flashcomm2_groups(cx.layout, cx.config.flashcomm2)
         w_real = cx.real(mm.weight)
-        m.derived = [
-            weights.Derived(
-                cx.name(mm.weight), weights.WeightSpec("gather", 1, m.groups[1].pg), w_real, w_real
-            )
-        ]
+        gather = weights.WeightSpec("gather", 1, m.groups[1].pg)
+        m.derived = [cx.derive(cx.name(mm.weight), gather, mm.weight, mm.weight)]
         if m.any_bias:  # rank 0's bias, summed with zeros from the others: one bias everywhere
             like = torch.zeros(w_real.shape[0], dtype=w_real.dtype)
             spec = weights.WeightSpec("sum", 0, resolve_group(m.site.ar.group_name))
-            m.derived.append(
-                weights.Derived(f"{m.module}.bias", spec, cx.real(mm.bias), w_real, like)
-            )
+            m.derived.append(cx.derive(f"{m.module}.bias", spec, mm.bias, mm.weight, like))
 
     def replace(self, m: SiteMatch, cx: GraphContext) -> None:
         site, mm = m.site, m.site.matmul

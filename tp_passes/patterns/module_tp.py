@@ -229,11 +229,9 @@ class ModuleTP(Rewrite):
 
     def plan_weights(self, m: ModuleMatch, cx: GraphContext) -> None:
         m.group = module_tp_group(self.group, m.size, cx.layout)
-        reals = [cx.real(w) for w in m.weights]
-        names = [cx.name(w) for w in m.weights]
         m.derived = [
-            weights.Derived(n, weights.WeightSpec(kind, dim, m.group.pg), t, t)
-            for n, t, (kind, dim) in zip(names, reals, self.shard_specs(m))
+            cx.derive(cx.name(w), weights.WeightSpec(kind, dim, m.group.pg), w, w)
+            for w, (kind, dim) in zip(m.weights, self.shard_specs(m))
         ]
 
     def replace(self, m: ModuleMatch, cx: GraphContext) -> None:

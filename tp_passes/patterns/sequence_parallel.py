@@ -380,9 +380,9 @@ class SequenceParallel(Rewrite):
     def find(self, cx: GraphContext) -> list[Match]:
         return [SiteMatch(s.module, s.n, site=s) for s in cx.sites]
 
-    def decide(self, m: SiteMatch, facts: list[bool], cx: GraphContext) -> None:
+    def decide(self, m: SiteMatch, facts: list[tuple[bool, bool]], cx: GraphContext) -> None:
         cfg, site = cx.config, m.site
-        m.any_bias = any(facts)
+        m.any_bias = any(has for has, _ in facts)
         if site.ar.result in cx.taken:  # an earlier rewrite (FlashComm2) produces it
             return
         mm = cx.matmul(site)
