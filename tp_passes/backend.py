@@ -32,6 +32,7 @@ from tp_passes.lowering import (
     inner_compile,
 )
 from tp_passes.patterns import REWRITES, GraphContext, Match, Rewrite, find_sites
+from tp_passes.patterns.base import nothing_matched
 from tp_passes.report import (
     Dumper,
     Entry,
@@ -129,6 +130,9 @@ def rewrite_graph(
         for m, f in zip(ms, per_match):
             rw.decide(m, f, cx)
     entries = [e for _, ms in found for m in ms for e in m.entries]
+    entries += nothing_matched(
+        rewrites, config, {rw.name for rw, ms in found if ms}, "this graph"
+    )
     refuse_blocked(entries, config.strict)
     applied = [(rw, m) for rw, ms in found for m in ms if m.apply]
     outside_compile(_plan_weights, cx, applied)

@@ -17,12 +17,20 @@ trace, so the two paths compute the same numbers:
   broadcast ahead of its use into a ring of windows (`shared_weights.share_eager`).
 
 Layers that own their all-reduce (a row-parallel linear whose forward ends in the reduce)
-are found by a `recognize` function (vLLM passes its own).
+are found by a `recognize` function (vLLM passes its own). Where o_proj is a plain
+`nn.Linear` and the all-reduce of its product is issued by its parent (the attention
+module's forward, the usual hand-written TP layout), the parent is traced with make_fx on
+hidden states ``[T, H]`` and the graph driver (`rewrite_graph`: the graph path's matcher,
+decision and replacement) rewrites that graph, which becomes the parent's forward
+(`_rewrite_parents`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import inspect
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,11 +38,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tp_passes.config import TPConfig
+from tp_passes.config import MODULE_NAME_KEYS, TPConfig
+from tp_passes.fx import functionalize_all_reduces
 from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.patterns import REWRITES, FlashComm2, GraphContext, ModuleTP, SequenceParallel
 from tp_passes.patterns import shared_weights
+from tp_passes.patterns.base import nothing_matched
 from tp_passes.patterns.module_tp import find_module_candidates, parallelize_modules, selects
 from tp_passes.report import Entry, refuse_blocked
 
@@ -81,7 +91,7 @@ def as_row_parallel(module: nn.Module) -> RowParallel | None:
 
 def parallelize(
     model: nn.Module,
-    config: TPConfig,
+    config: TPConfig | Mapping[str, Any],
     *,
     device_type: str = "cpu",
     recognize: Callable[[nn.Module], RowParallel | None] = as_row_parallel,
@@ -90,8 +100,15 @@ def parallelize(
 
     Collective: call on every rank with the same model and config. Before any other
     collective the ranks agree on the plan (config, matched modules, row-parallel layers):
-    a mismatch raises on every rank instead of hanging.
+    a mismatch raises on every rank instead of hanging. `config`: a `TPConfig`, or a dict
+    as torch.compile's options take (`TPConfig.from_dict`).
     """
+    if isinstance(config, Mapping):
+        config = TPConfig.from_dict(config)
+    elif not isinstance(config, TPConfig):
+        raise TypeError(
+            f"tp_passes.parallelize: config must be a TPConfig or a dict, got {type(config).__name__}"
+        )
     module_tp = [r for r in REWRITES if isinstance(r, ModuleTP)]
     cands = find_module_candidates(model, config, module_tp) if config.module_tp_sizes() else []
     rps = {
@@ -101,10 +118,12 @@ def parallelize(
         {tuple(sorted(dist.get_process_group_ranks(rp.group))) for rp in rps.values()}
     )
     series = shared_weights.find_eager(model, config)
+    parents = _reducing_parents(model, config, rps)
     invariant = {
         "config": config.to_dict(),
         "modules": [c.invariant() for c in cands],
         "row_parallel": sorted(rps),
+        "parents": parents,
         "series": series,
     }
     local = ([c.match.local() for c in cands], tp_groups)
@@ -125,9 +144,21 @@ def parallelize(
     rewritten = tuple(c.path for c in cands if c.match.apply)
     cx = GraphContext(None, config, [], [], None, layout=layout, layout_reason=why)
     entries += _row_parallel(model, cx, rps, rewritten, device_type)
+    entries += _rewrite_parents(model, config, parents)
     # last, as on the graph path: a series shares the weight each layer reads by now
     entries += shared_weights.share_eager(model, config, layout, why, series)
-    return [asdict(e) for e in entries]
+    missing = [
+        Entry("shared_weights", f"{name} series", False, f"configured, but no module named "
+              f"{name!r} with a 2-D weight is in the model", 0, blocked=True)
+        for name in config.shared_weights
+        if name not in series
+    ]
+    seen = {e.rewrite for e in entries}
+    if "mm_reduce_scatter" in seen:  # the sequence-parallel family's fused form
+        seen.add("sequence_parallel")
+    missing += nothing_matched(REWRITES, config, seen | {"shared_weights"}, "the model")
+    refuse_blocked(missing, config.strict)
+    return [asdict(e) for e in entries + missing]
 
 
 def _row_parallel(
@@ -156,3 +187,135 @@ def _row_parallel(
         if (entry := sp.parallelize(name, module, rp, cx, device_type)) is not None:
             entries.append(entry)
     return entries
+
+
+def _reducing_parents(
+    model: nn.Module, config: TPConfig, rps: dict[str, RowParallel]
+) -> list[str]:
+    """Modules with a selected o_proj that is a plain `nn.Linear` no `recognize` claimed:
+    the all-reduce of its product is issued around it (its parent's forward)."""
+    if not config.flashcomm2:
+        return []
+    out = []
+    for path, module in model.named_modules():
+        if path in rps:
+            continue
+        for child, sub in module.named_children():
+            full = f"{path}.{child}" if path else child
+            if type(sub) is nn.Linear and full not in rps and selects(config, "oproj_tp", full):
+                out.append(path)
+                break
+    return out
+
+
+def _trace_parent(module: nn.Module, h: int) -> tuple[Any, list[str]] | str:
+    """make_fx of ``module(x)`` on hidden states x [T, h] (T symbolic), in-place
+    all-reduces made functional; or why it cannot be traced that way."""
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = inspect.signature(module.forward).parameters.values()
+    required = [
+        p for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(required) != 1:
+        return (
+            f"its forward takes {len(required)} required arguments, not only the hidden states: "
+            "the eager path cannot trace it (compile the model: backend='tp_passes')"
+        )
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks, which a replaced forward would run twice"
+    named = list(module.named_parameters(remove_duplicate=False))
+    leaves = [n for n, _ in named]
+    w = next(p for _, p in named)
+
+    def call(*flat: Any) -> Any:
+        return functional_call(module, dict(zip(leaves, flat[:-1])), (flat[-1],))
+
+    try:
+        x = torch.zeros(3, h, dtype=w.dtype, device=w.device)
+        gm = make_fx(call, tracing_mode="symbolic")(*[p.detach() for _, p in named], x)
+    except Exception as e:  # noqa: BLE001 - any failure is a skip reason, agreed below
+        return f"tracing it on hidden states [T, {h}] failed: {type(e).__name__}: {e}"
+    gm.graph._codegen = torch.fx.graph.CodeGen()  # positional inputs: derived ones get appended
+    functionalize_all_reduces(gm)
+    return gm, leaves
+
+
+def _rewrite_parents(model: nn.Module, config: TPConfig, parents: list[str]) -> list[Entry]:
+    """FlashComm2 on o_proj linears whose all-reduce their parent issues: the parent's
+    traced graph goes through the graph driver, and becomes the parent's forward.
+
+    The derived weights are held by the modules, as on the row-parallel eager twin: the
+    gathered o_proj block becomes o_proj's `weight`, others (a summed bias) buffers of
+    the parent. Collective: every rank, the same `parents` (agreed by the caller).
+    """
+    from tp_passes.backend import rewrite_graph
+
+    only = dataclasses.replace(
+        config,
+        sequence_parallel=False,  # eagerly nothing stays token-sharded after the layer
+        fuse_mm_reduce_scatter=False,
+        shared_weights=(),
+        **{k: 0 for k in MODULE_NAME_KEYS},
+    )
+    traced = []
+    for path in parents:
+        module = model.get_submodule(path)
+        o_proj = next(
+            sub for c, sub in module.named_children()
+            if type(sub) is nn.Linear and selects(config, "oproj_tp", f"{path}.{c}" if path else c)
+        )
+        traced.append(_trace_parent(module, o_proj.weight.shape[0]))
+    whys = agree_across_ranks(
+        parents, "the eager rewrite plan (parents)", [t if isinstance(t, str) else "" for t in traced]
+    )
+    entries = []
+    for i, (path, t) in enumerate(zip(parents, traced)):
+        why = next((w[i] for w in whys if w[i]), "")
+        if why:
+            entries.append(Entry("flashcomm2", path, False, why, 0, blocked=True))
+            continue
+        gm, leaves = t
+        module = model.get_submodule(path)
+        params = [module.get_parameter(leaf) for leaf in leaves]
+        x = torch.zeros(3, 1)  # the graph input the driver never reads
+        names = [f"{path}.{leaf}" if path else leaf for leaf in leaves] + ["x"]
+        done = rewrite_graph(gm, only, [*params, x], names)
+        entries += [e for e in done.entries if e.rewrite == "flashcomm2"]
+        if done.matches:
+            _install_parent(module, gm, leaves, done.derived)
+    refuse_blocked(entries, config.strict)
+    return entries
+
+
+def _install_parent(
+    module: nn.Module, gm: Any, leaves: list[str], derived: list[Any]
+) -> None:
+    """`gm` (inputs: the parameters `leaves`, x, the derived weights) becomes the forward."""
+    slots: list[tuple[bool, str]] = []  # (a parameter?, its name) per derived input
+    for i, d in enumerate(derived):
+        if d.spec.kind == "gather" and d.source_index is not None:
+            leaf = leaves[d.source_index]  # o_proj holds its gathered block
+            owner, _, name = leaf.rpartition(".")
+            setattr(module.get_submodule(owner), name, nn.Parameter(d.value, requires_grad=False))
+            slots.append((True, leaf))
+        else:
+            module.register_buffer(f"tp_passes_derived{i}", d.value, persistent=False)
+            slots.append((False, f"tp_passes_derived{i}"))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    hidden = gm.graph.find_nodes(op="placeholder")[len(leaves)].meta["val"].shape[-1]
+
+    def forward(self: nn.Module, x: torch.Tensor) -> Any:
+        if x.dim() != 2 or x.shape[-1] != hidden:
+            raise ValueError(
+                f"tp_passes: this module was rewritten for hidden states [T, {hidden}] "
+                f"(FlashComm2 on the eager path); got x of shape {tuple(x.shape)}"
+            )
+        params = [self.get_parameter(leaf) for leaf in leaves]
+        derived = [self.get_parameter(n) if param else self.get_buffer(n) for param, n in slots]
+        return gm(*params, x, *derived)
+
+    module.forward = types.MethodType(forward, module)

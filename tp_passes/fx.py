@@ -156,6 +156,50 @@ def find_all_reduces(graph: fx.Graph) -> list[AllReduce]:
     return [ar for node in graph.nodes if (ar := as_all_reduce(node)) is not None]
 
 
+def functionalize_all_reduces(gm: fx.GraphModule) -> int:
+    """Rewrite make_fx's in-place sum all-reduces into the functional form in place.
+
+    A module traced with make_fx (no functionalization) keeps ``dist.all_reduce(y)`` as
+    ``c10d.allreduce_([y], pg, op, ...)`` whose getitem is read afterwards, and no wait::
+
+        a = c10d.allreduce_([p], pg, SUM, None, False); y = a[0][0]
+    becomes
+        y = wait_tensor(_c10d_functional.all_reduce(p, "sum", pg.group_name))
+
+    which `as_all_reduce` recognizes and which runs in order. Returns how many it rewrote.
+    """
+    import torch.distributed as dist
+
+    done = 0
+    for node in list(gm.graph.nodes):
+        if not is_call(node, torch.ops.c10d.allreduce_.default):
+            continue
+        tensors, pg_node, op_node = node.args[:3]
+        outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        pg, op = (getattr(gm, n.target, None) for n in (pg_node, op_node))
+        if len(tensors) != 1 or len(outs) != 1 or op is None or op.op() != 0:  # 0: SUM
+            continue
+        group = dist.ProcessGroup.unbox(pg).group_name
+        with gm.graph.inserting_before(node):
+            ar = gm.graph.call_function(c10d.all_reduce.default, (tensors[0], "sum", group))
+            ar.meta["val"] = val(tensors[0])
+            wait = gm.graph.call_function(c10d.wait_tensor.default, (ar,))
+            wait.meta["val"] = val(tensors[0])
+        for g in list(outs[0].users):
+            g.replace_all_uses_with(wait)
+            gm.graph.erase_node(g)
+        for u in list(node.users):
+            if not u.users:
+                gm.graph.erase_node(u)
+        if not node.users:
+            gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
 def reduced_matmuls(graph: fx.Graph) -> set[fx.Node]:
     """Matmuls whose product is all-reduced: any dialect, and the in-place
     ``c10d.allreduce_`` that a module traced with make_fx (no functionalization) shows."""

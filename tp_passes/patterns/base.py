@@ -248,6 +248,11 @@ class Rewrite:
     name = ""  # report name, and the key a host uses to refuse it
     stage = ""  # dump stage after its replacements ("after_<stage>")
 
+    def wanted(self, config: TPConfig) -> str:
+        """What this rewrite looks for when `config` asks for it explicitly ("" when it does
+        not): a configured rewrite that matches nothing is reported with this."""
+        return ""
+
     def find(self, cx: GraphContext) -> list[Match]:
         raise NotImplementedError
 
@@ -262,6 +267,18 @@ class Rewrite:
 
     def finish(self, cx: GraphContext, matches: list[Any]) -> str | None:
         return None
+
+
+def nothing_matched(rewrites: Any, config: TPConfig, found: set[str], where: str) -> list[Entry]:
+    """One entry per rewrite `config` asks for that found nothing (`found`: the rewrite
+    names with a match or entry), blocked: an error under strict."""
+    out = []
+    for rw in rewrites:
+        what = rw.wanted(config)
+        if what and rw.name not in found:
+            why = f"configured, but nothing in {where} matches: {what}"
+            out.append(Entry(rw.name, "", False, why, 0, blocked=True))
+    return out
 
 
 def weight_bytes(tensors: list[torch.Tensor]) -> int:

@@ -39,7 +39,7 @@ from tp_passes.patterns.base import (
     resolve_group,
     weight_bytes,
 )
-from tp_passes.patterns.module_tp import selects
+from tp_passes.patterns.module_tp import O_PROJ, selects
 from tp_passes.patterns.sequence_parallel import (
     Sharded,
     TokenSharding,
@@ -58,6 +58,15 @@ def flashcomm2_size_error(m: int, n: int) -> str:
 
 class FlashComm2(Rewrite):
     name = stage = "flashcomm2"
+
+    def wanted(self, config: Any) -> str:
+        if not config.flashcomm2:
+            return ""
+        names = config.names_for("oproj_tp", O_PROJ)
+        return (
+            f"a sum all-reduce of a module's product over a TP group, the module named one of "
+            f"{list(names)} (TPConfig.module_names['oproj_tp'] selects others)"
+        )
 
     def find(self, cx: GraphContext) -> list[Match]:
         m = cx.config.flashcomm2

@@ -139,6 +139,15 @@ class ModuleTP(Rewrite):
     def size(self, config: Any) -> int:
         return getattr(config, self.name)
 
+    def wanted(self, config: Any) -> str:
+        if not self.size(config):
+            return ""
+        names = list(config.names_for(self.name, DEFAULT_NAMES[self.name])) or ["a gated MLP"]
+        return (
+            f"a module named one of {names} (TPConfig.module_names['{self.name}'] selects "
+            "others)"
+        )
+
     def find(self, cx: GraphContext) -> list[Match]:
         if not self.size(cx.config):
             return []

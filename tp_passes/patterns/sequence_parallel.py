@@ -377,6 +377,10 @@ class SequenceParallel(Rewrite):
     name = "sequence_parallel"
     stage = "reduce_scatter"
 
+    def wanted(self, config: Any) -> str:
+        forced = config.sequence_parallel is True or config.fuse_mm_reduce_scatter is True
+        return "a sum all-reduce over a tensor-parallel group" if forced else ""
+
     def find(self, cx: GraphContext) -> list[Match]:
         return [SiteMatch(s.module, s.n, site=s) for s in cx.sites]
 

@@ -243,6 +243,9 @@ class SharedWeights(Rewrite):
 
     name = stage = "shared_weights"
 
+    def wanted(self, config: Any) -> str:
+        return f"modules named {list(config.shared_weights)}" if config.shared_weights else ""
+
     def find(self, cx: GraphContext) -> list[Match]:
         out = []
         for series in cx.config.shared_weights:
@@ -252,10 +255,16 @@ class SharedWeights(Rewrite):
                 if leaf == "weight" and _selected((series,), module, cx.config) and ph.users:
                     layers.append(name)
                     shapes.append(f"{val(ph).dtype} {tuple(val(ph).shape)}")
-            if not layers:
-                continue
             m = SeriesMatch(f"{series} series", 0, layers=layers, shapes=shapes)
-            if len(set(shapes)) > 1:
+            if not layers:
+                m.reason = f"configured, but no module named {series!r} reads a weight here"
+            elif len(layers) < 2:
+                m.reason = (
+                    f"this graph holds 1 layer of the series (each layer compiled on its own, "
+                    "or a graph break splits the model): compile the whole model, or use "
+                    "tp_passes.parallelize"
+                )
+            elif len(set(shapes)) > 1:
                 m.reason = f"the layers' weights differ in shape or dtype: {sorted(set(shapes))}"
             out.append(m)
         return out

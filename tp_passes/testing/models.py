@@ -39,6 +39,8 @@ class ModelConfig:
     mlp_bias: bool = False  # down_proj bias (TP rank 0 only, like o_proj's)
     act: str = "silu"  # the gated MLP's activation: "silu" or "gelu"
     scalar_all_reduce: bool = False  # also all-reduce a 0-dim statistic (a token count)
+    # o_proj a plain nn.Linear (bias on every rank), its all-reduce in the attention's forward
+    reduce_in_parent: bool = False
 
 
 def _shard(full: torch.Tensor, dim: int, n: int, j: int) -> torch.Tensor:
@@ -131,7 +133,17 @@ class Attention(nn.Module):
         a = c.heads * c.head_dim
         wo = a**-0.5 * torch.randn(c.hidden, a, generator=g)
         bo = 0.1 * torch.randn(c.hidden, generator=g) if c.o_proj_bias else None
-        self.o_proj = RefRowLinear(wo, bo, tp)
+        if c.reduce_in_parent:
+            self.o_proj = nn.Linear(a // tp.n, c.hidden, bias=bo is not None)
+            with torch.no_grad():
+                self.o_proj.weight.copy_(_shard(wo, 1, tp.n, tp.j))
+                if bo is not None:
+                    self.o_proj.bias.copy_(bo / tp.n)  # added on every rank before the reduce
+            self.o_proj.requires_grad_(False)
+        else:
+            self.o_proj = RefRowLinear(wo, bo, tp)
+        self.tp = tp
+        self.reduce_in_parent = c.reduce_in_parent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -141,7 +153,8 @@ class Attention(nn.Module):
         rep = self.h // self.kv
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(-3, -2).reshape(*lead, self.h * self.d))
+        y = self.o_proj(o.transpose(-3, -2).reshape(*lead, self.h * self.d))
+        return self.tp.all_reduce(y) if self.reduce_in_parent else y
 
 
 class MLP(nn.Module):
