@@ -234,7 +234,9 @@ def _trace_parent(module: nn.Module, h: int) -> tuple[Any, list[str]] | str:
         return functional_call(module, dict(zip(leaves, flat[:-1])), (flat[-1],))
 
     try:
-        x = torch.zeros(3, h, dtype=w.dtype, device=w.device)
+        # T symbolic; 2 rows per rank or more, so no per-rank row count specializes to 1
+        t = 2 * dist.get_world_size() + 1
+        x = torch.zeros(t, h, dtype=w.dtype, device=w.device)
         gm = make_fx(call, tracing_mode="symbolic")(*[p.detach() for _, p in named], x)
     except Exception as e:  # noqa: BLE001 - any failure is a skip reason, agreed below
         return f"tracing it on hidden states [T, {h}] failed: {type(e).__name__}: {e}"

@@ -7,6 +7,8 @@ placeholders, whose `grapharg` source names them (``L['self']._modules['layers']
 from __future__ import annotations
 
 import re
+import sys
+import weakref
 from typing import Any
 
 import torch
@@ -27,25 +29,70 @@ def _sources(gm: fx.GraphModule) -> list[str]:
     return names
 
 
+# module -> its path under the largest module compiled so far (registry: a graph break
+# resumes inside a submodule, whose frame knows only itself as `self`)
+_PATHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _frame_locals() -> dict[str, Any]:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_locals
+    except Exception:  # noqa: BLE001 - called outside a Dynamo compile
+        return {}
+
+
+def _outermost_module() -> torch.nn.Module | None:
+    """The outermost module whose method is on the Python stack (the model the user
+    called: a graph break or regional compilation compiles frames of its submodules)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    frame, found = sys._getframe(), None
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames[:1]:
+            me = frame.f_locals.get("self")
+            me = me._orig_mod if isinstance(me, OptimizedModule) else me  # torch.compile's
+            found = me if isinstance(me, torch.nn.Module) else found
+        frame = frame.f_back
+    return found
+
+
+def _self_prefix(frame_locals: dict[str, Any]) -> str:
+    """The path of the frame's `self` module under the outermost module being run."""
+    me = frame_locals.get("self")
+    if not isinstance(me, torch.nn.Module):
+        return ""
+    for root in (_outermost_module(), me):
+        if root is not None and root not in _PATHS:
+            for path, sub in root.named_modules():
+                if len(path) >= len(_PATHS.get(sub, "")):
+                    _PATHS[sub] = path  # the longest path: seen from the largest model
+    return _PATHS.get(me, "")
+
+
 def input_names(gm: fx.GraphModule) -> list[str]:
-    """Module path of every ATen graph input, in aot_autograd's order."""
+    """Module path of every ATen graph input, in aot_autograd's order. A frame resumed
+    inside a submodule (after a graph break) names inputs by the submodule's full path."""
     params = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
     params += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
     phs = list(gm.graph.find_nodes(op="placeholder"))
+    prefix = _self_prefix(_frame_locals())
+
+    def name(src: str) -> str:
+        path = path_from_source(src)
+        return f"{prefix}.{path}" if prefix and src.startswith("L['self']") else path
+
     return params + [
-        path_from_source(src) if src else node.name
-        for src, node in zip(_sources(gm)[len(params) :], phs)
+        name(src) if src else node.name for src, node in zip(_sources(gm)[len(params) :], phs)
     ]
 
 
 def input_owners(gm: fx.GraphModule, real_inputs: list[Any]) -> list[tuple[Any, str] | None]:
     """(module, attribute) holding each graph input, found through Dynamo's sources and the
     frame being compiled; None where it cannot be found (then the input is never released)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        frame_locals = InstructionTranslator.current_tx().f_locals
-    except Exception:
+    frame_locals = _frame_locals()
+    if not frame_locals:
         return [None] * len(real_inputs)
     out: list[tuple[Any, str] | None] = []
     for src, t in zip(_sources(gm), real_inputs):

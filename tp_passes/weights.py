@@ -275,6 +275,8 @@ class BoundWeights:
         default_factory=dict
     )
 
+    dropped: bool = False  # its graph was dropped by torch._dynamo.reset()
+
     def __post_init__(self) -> None:
         if self.derived and self.per_call:
             anchors = [d.anchor for d in self.derived]
@@ -318,8 +320,21 @@ class BoundWeights:
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
 
+    def drop(self) -> None:
+        """Free the derived weights and ring windows; a later call raises."""
+        self.dropped, self.sets = True, {}
+        for d in self.derived:
+            d.value = None
+        for ring in self.rings:
+            ring.drop()
+
     def for_call(self, args: list[Any]) -> list[Derived]:
         """The derived weights of the tensors `args` passes (made now if new)."""
+        if self.dropped:
+            raise RuntimeError(
+                "tp_passes: this compiled graph was dropped by torch._dynamo.reset() (its "
+                "derived weights are freed); call the model through torch.compile again"
+            )
         if not self.per_call:
             return self.derived
         anchors = [args[d.anchor_index] for d in self.derived]
@@ -357,6 +372,17 @@ class BoundWeights:
                 )
             d.build()
         return [d.value for d in current if d.keep]
+
+
+def drop_compiled_graphs() -> None:
+    """`torch._dynamo.reset()` dropped every compiled graph from Dynamo's caches (a
+    ``__compiled_fn`` global in the model's module may still hold the function): free
+    their derived weights and rings, so `refresh_weights()` neither rebuilds them (on
+    groups that may be destroyed by now) nor keeps them alive."""
+    for ref in _LIVE:
+        if (b := ref()) is not None:
+            b.drop()
+    _LIVE.clear()
 
 
 def refresh_weights() -> int:
@@ -406,6 +432,6 @@ def register_ring(ring: Any) -> None:
 
 
 def live_rings() -> list[Any]:
-    rings = [r for r in (ref() for ref in _RINGS) if r is not None]
+    rings = [r for r in (ref() for ref in _RINGS) if r is not None and not r.dropped]
     _RINGS[:] = [weakref.ref(r) for r in rings]
     return rings

@@ -269,15 +269,17 @@ class Rewrite:
         return None
 
 
-def nothing_matched(rewrites: Any, config: TPConfig, found: set[str], where: str) -> list[Entry]:
+def nothing_matched(
+    rewrites: Any, config: TPConfig, found: set[str], where: str, blocked: bool = True
+) -> list[Entry]:
     """One entry per rewrite `config` asks for that found nothing (`found`: the rewrite
-    names with a match or entry), blocked: an error under strict."""
+    names with a match or entry); `blocked` ones are an error under strict."""
     out = []
     for rw in rewrites:
         what = rw.wanted(config)
         if what and rw.name not in found:
             why = f"configured, but nothing in {where} matches: {what}"
-            out.append(Entry(rw.name, "", False, why, 0, blocked=True))
+            out.append(Entry(rw.name, "", False, why, 0, blocked=blocked))
     return out
 
 

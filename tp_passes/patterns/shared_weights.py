@@ -78,6 +78,7 @@ class Ring:
     windows: list[torch.Tensor]
     step: int = 0
     works: list[Any] = field(default_factory=list)  # eager: pending broadcast per window
+    dropped: bool = False  # its compiled graph was dropped (torch._dynamo.reset())
 
     def __post_init__(self) -> None:
         self.works = [None] * self.schedule.windows
@@ -89,6 +90,9 @@ class Ring:
         if layer in self.owned:
             return _tensor(self.owned[layer])
         return self.windows[self.schedule.window(step)]
+
+    def drop(self) -> None:
+        self.dropped, self.windows, self.owned = True, [], {}
 
     def windows_in_order(self) -> list[torch.Tensor]:
         """The windows as a graph's placeholders see them: slot s is step `step + s`'s."""
