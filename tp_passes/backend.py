@@ -59,7 +59,7 @@ class Rewritten:
     rings: list[Any] = field(default_factory=list)  # shared-weight rings, bound after `derived`
 
 
-def _agree(cx: GraphContext, found: Found, released: list[str]) -> list[list[list[Any]]]:
+def _agree(cx: GraphContext, found: Found) -> list[list[list[Any]]]:
     """One all_gather_object: the plan's inputs must be equal on every rank; returns every
     rank's `local()` fact per match, and infers the rank layout from every rank's TP groups.
 
@@ -69,8 +69,7 @@ def _agree(cx: GraphContext, found: Found, released: list[str]) -> list[list[lis
     invariant = {
         "config": cx.config.to_dict(),
         "matches": [[m.invariant() for m in ms] for _, ms in found],
-        "released": released,
-    }
+    }  # not which weights this rank freed: a shared-weight series frees different ones
     local = (
         [[m.local() for m in ms] for _, ms in found],
         sorted({s.ranks for s in cx.sites if s.n > 1}),
@@ -125,8 +124,7 @@ def rewrite_graph(
     for rw, ms in found:
         for m in ms:
             m.reason = m.reason or (refused or {}).get(rw.name, "")
-    released = [n for n, t in zip(cx.input_names, cx.inputs) if weights.is_released(t)]
-    facts = outside_compile(_agree, cx, found, released)
+    facts = outside_compile(_agree, cx, found)
     for (rw, ms), per_match in zip(found, facts):
         for m, f in zip(ms, per_match):
             rw.decide(m, f, cx)

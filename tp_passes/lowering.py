@@ -92,6 +92,49 @@ def inductor_options(options: Mapping[str, Any]) -> contextlib.AbstractContextMa
     return inductor_config.patch({k: v for k, v in options.items() if k in known})
 
 
+def _concrete(a: Any) -> Any:
+    """`a` as a Python int if it is one, or a SymInt a guard has fixed; else None."""
+    import sympy
+
+    v = a.meta.get("val") if isinstance(a, fx.Node) else a
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, torch.SymInt):
+        expr = v.node.shape_env.replace(v.node.expr)
+        return int(expr) if isinstance(expr, sympy.Integer) else None
+    return None
+
+
+def fold_specialized_sizes(gm: fx.GraphModule) -> int:
+    """Replace size arithmetic (``operator.neg/mod/floordiv/...`` on sizes) whose inputs a
+    guard has fixed by its value. A dynamic graph traced at T = n has its per-rank row
+    count guarded to 1, which fixes T; Inductor's lowering of ``mod`` on two plain ints
+    then fails (``'int' object has no attribute 'is_nonnegative'``). Returns the count."""
+    import operator
+
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "__module__", "") not in (
+            "_operator",
+            operator.__name__,
+        ):
+            continue
+        args = [_concrete(a) for a in node.args]
+        if node.kwargs or not args or any(a is None for a in args):
+            continue
+        value = node.target(*args)
+        if not isinstance(value, int):
+            continue
+        for user in list(node.users):
+            user.args = fx.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+        folded += 1
+    if folded:
+        gm.recompile()
+    return folded
+
+
 def inner_compile(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any]):
     """Compile the rewritten graph with `config.inner`: Inductor, eager, or torchair."""
     from torch._functorch.aot_autograd import make_boxed_func
@@ -101,6 +144,7 @@ def inner_compile(config: TPConfig, gm: fx.GraphModule, example_inputs: list[Any
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
+        fold_specialized_sizes(gm)
         return compile_fx_inner(gm, example_inputs)
     try:
         import torchair

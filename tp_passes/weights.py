@@ -29,6 +29,7 @@ torch's version counter: call `refresh_weights()` after them too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -120,13 +121,33 @@ class Derived:
     def _cache_key(self) -> tuple:
         return (self.spec.key(), self.name)
 
-    def cached(self) -> torch.Tensor | None:
+    def cached(self) -> tuple[bool, torch.Tensor | None]:
+        """(hit, value): a hit with no value is a weight this rank made and handed to a
+        shared-weight series' owner (`forget`): it needs no rebuild here."""
         hit = getattr(self.anchor, ATTR, {}).get(self._cache_key()) if self.keep else None
-        return (
-            hit[1]
-            if hit is not None and hit[0] == (state(self.source), state(self.anchor))
-            else None
-        )
+        if hit is not None and hit[0] == (state(self.source), state(self.anchor)):
+            return True, hit[1]
+        return False, None
+
+    def shape(self) -> list[int]:
+        if self.value is not None:
+            return list(self.value.shape)
+        shape = list(self.source.shape)
+        if self.spec.kind == "gather":
+            shape[self.spec.dim] *= dist.get_world_size(self.spec.group)
+        return shape
+
+    def nbytes(self) -> int:
+        """Bytes of the value, also where only the series' owner holds it."""
+        return math.prod(self.shape()) * self.source.element_size()
+
+    def template(self, fake_mode: Any) -> torch.Tensor:
+        """A fake tensor shaped like the value (which a `forget` on an earlier compile may
+        have left on the series' owner only)."""
+        if self.value is not None:
+            return fake_mode.from_tensor(self.value, static_shapes=True)
+        with fake_mode:
+            return torch.empty(self.shape(), dtype=self.source.dtype, device=self.source.device)
 
     def build(self) -> None:
         value = derive(self.source, self.spec, self.like)
@@ -139,11 +160,15 @@ class Derived:
         setattr(self.anchor, ATTR, store)
 
     def forget(self) -> None:
-        """Drop the value and its cache entry from now on (see `keep`)."""
-        self.keep, self.value = False, None
+        """Drop the value from now on (see `keep`). The cache remembers it was made, so a
+        recompile finds it held by the series' owner instead of rebuilding it (its source
+        may be freed by release_weights)."""
+        key = self._cache_key()
         store = dict(getattr(self.anchor, ATTR, {}))
-        store.pop(self._cache_key(), None)
+        if key in store:
+            store[key] = (store[key][0], None)
         setattr(self.anchor, ATTR, store)
+        self.keep, self.value = False, None
 
 
 def materialize(requests: list[Derived]) -> None:
@@ -155,11 +180,9 @@ def materialize(requests: list[Derived]) -> None:
     from tp_passes.groups.registry import agree_across_ranks
 
     hits = [d.cached() for d in requests]
-    unbuildable = [d.name for d, h in zip(requests, hits) if h is None and is_released(d.source)]
+    unbuildable = [d.name for d, (h, _) in zip(requests, hits) if not h and is_released(d.source)]
     same = [(d.name, d.spec.kind, d.spec.dim) for d in requests]
-    everyone = agree_across_ranks(
-        same, "derived weights", ([h is not None for h in hits], unbuildable)
-    )
+    everyone = agree_across_ranks(same, "derived weights", ([h for h, _ in hits], unbuildable))
     lost = sorted({name for _, names in everyone for name in names})
     if lost:
         raise RuntimeError(
@@ -171,7 +194,7 @@ def materialize(requests: list[Derived]) -> None:
         )
     for i, d in enumerate(requests):
         if all(hit_bits[i] for hit_bits, _ in everyone):
-            d.value, d.made_from = hits[i], state(d.source)
+            d.value, d.made_from = hits[i][1], state(d.source)
         else:
             d.build()
 

@@ -189,7 +189,7 @@ class GraphContext:
         last = list(self.graph.find_nodes(op="placeholder"))[-1]
         with self.graph.inserting_after(last):
             node = self.graph.placeholder(f"tp_passes_w{len(self.derived)}")
-        node.meta["val"] = self.fake_mode.from_tensor(d.value, static_shapes=True)
+        node.meta["val"] = d.template(self.fake_mode)
         self.derived.append(d)
         return node
 

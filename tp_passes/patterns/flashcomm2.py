@@ -162,7 +162,7 @@ class FlashComm2(Rewrite):
         w = m.derived[0]
         m.entries[0].details.update(
             weight_bytes_before=weight_bytes([w.source]),
-            weight_bytes_after=weight_bytes([w.value]),
+            weight_bytes_after=w.nbytes(),
             wire_bytes_per_step=wire.total(wire.collective_bytes(twin.meta["tp_passes_inserted"])),
             wire_note="all_to_all (+ OTP reduce_scatter); the all_gather is counted where SP "
             "places it",

@@ -158,11 +158,13 @@ def unequal_weights(
 ) -> str:
     """Collective over the world: why the series' weights are not the same on every rank
     of their group ('' if they are). Every rank gets the same answer."""
-    mine = [fingerprint(t) for t in tensors]
+    # a weight this rank freed (release_weights) or handed to its owner on an earlier
+    # compile was checked then: compared where the ranks still hold it
+    mine = [None if t is None or weights.is_released(t) else fingerprint(t) for t in tensors]
     everyone = agree_across_ranks(names, "the shared-weight series", mine)
     for ranks in shared_weight_partition(layout, which):
         for i, name in enumerate(names):
-            if len({everyone[r][i] for r in ranks}) > 1:
+            if len({everyone[r][i] for r in ranks} - {None}) > 1:
                 return (
                     f"{name} differs across the ranks {sorted(ranks)} of the "
                     f"shared_weights_group={which!r} group (a tensor-parallel shard?); only "
@@ -307,7 +309,7 @@ class SharedWeights(Rewrite):
             if len(users) != 1 or len(w.users) != 1:
                 return f"{name} is not read by exactly one linear (x @ w.T) in the graph"
             real = d.value if d is not None else cx.real(w)
-            if real is None:
+            if real is None and d is None:
                 return f"{name} has no real tensor at compile time"
             mm = users[0][0]
             layers.append(_Layer(name, w, next(iter(w.users)), mm, d, real))
@@ -331,7 +333,8 @@ class SharedWeights(Rewrite):
         sched = SeriesSchedule(len(layers), m.size, cx.config.prefetch_step)
         j = dist.get_rank(m.group.pg)
         owned = {i: lay.derived or lay.real for i, lay in enumerate(layers) if sched.owner(i) == j}
-        ring = outside_compile(make_ring, names, sched, m.group, layers[0].real, owned)
+        like = next(_tensor(b) for b in owned.values())  # k <= layers: every rank owns one
+        ring = outside_compile(make_ring, names, sched, m.group, like, owned)
         inserted = self._rewire(cx, layers, ring)
         for i, lay in enumerate(layers):
             if i in owned:
@@ -342,7 +345,7 @@ class SharedWeights(Rewrite):
             else:
                 m.unowned.append((lay.name, lay.real))
         cx.rings.append(ring)
-        layer_bytes = layers[0].real.numel() * layers[0].real.element_size()
+        layer_bytes = like.numel() * like.element_size()
         wire_bytes = wire.total(wire.collective_bytes(inserted))
         entry.details.update(series_entry(m.module, ring, layer_bytes, wire_bytes).details)
 
