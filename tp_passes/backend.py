@@ -132,9 +132,8 @@ def rewrite_graph(
     # a graph with no all-reduce and no matmul (a piece between graph breaks) is not where
     # a rewrite was expected: reported, but no error under strict
     busy = bool(cx.sites) or count_matmuls(gm) > 0
-    entries += nothing_matched(
-        rewrites, config, {rw.name for rw, ms in found if ms}, "this graph", blocked=busy
-    )
+    handled = {rw.name for rw, ms in found if ms} | set(refused or {})  # refused: the host's
+    entries += nothing_matched(rewrites, config, handled, "this graph", blocked=busy)
     refuse_blocked(entries, config.strict)
     applied = [(rw, m) for rw, ms in found for m in ms if m.apply]
     outside_compile(_plan_weights, cx, applied)

@@ -208,9 +208,10 @@ def _reducing_parents(
     return out
 
 
-def _trace_parent(module: nn.Module, h: int) -> tuple[Any, list[str]] | str:
-    """make_fx of ``module(x)`` on hidden states x [T, h] (T symbolic), in-place
-    all-reduces made functional; or why it cannot be traced that way."""
+def _trace_parent(module: nn.Module, h: int) -> dict[int, Any] | str:
+    """make_fx of ``module(x)`` on hidden states x of [T, h] and of [B, T, h] (T, B
+    symbolic), in-place all-reduces made functional: {x.dim(): (graph, parameter names)},
+    the forms the module traces in; or why it traces in neither."""
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -228,26 +229,30 @@ def _trace_parent(module: nn.Module, h: int) -> tuple[Any, list[str]] | str:
         return "it has forward hooks, which a replaced forward would run twice"
     named = list(module.named_parameters(remove_duplicate=False))
     leaves = [n for n, _ in named]
-    w = next(p for _, p in named)
+    w = named[0][1]
 
     def call(*flat: Any) -> Any:
         return functional_call(module, dict(zip(leaves, flat[:-1])), (flat[-1],))
 
-    try:
-        # T symbolic; 2 rows per rank or more, so no per-rank row count specializes to 1
-        t = 2 * dist.get_world_size() + 1
-        x = torch.zeros(t, h, dtype=w.dtype, device=w.device)
-        gm = make_fx(call, tracing_mode="symbolic")(*[p.detach() for _, p in named], x)
-    except Exception as e:  # noqa: BLE001 - any failure is a skip reason, agreed below
-        return f"tracing it on hidden states [T, {h}] failed: {type(e).__name__}: {e}"
-    gm.graph._codegen = torch.fx.graph.CodeGen()  # positional inputs: derived ones get appended
-    functionalize_all_reduces(gm)
-    return gm, leaves
+    # 2 rows per rank or more, so no per-rank row count specializes to 1
+    t = 2 * dist.get_world_size() + 1
+    out, why = {}, ""
+    for shape in ((t, h), (3, t, h)):
+        try:
+            x = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            gm = make_fx(call, tracing_mode="symbolic")(*[p.detach() for _, p in named], x)
+        except Exception as e:  # noqa: BLE001 - any failure is a skip reason, agreed after
+            why = why or f"tracing it on hidden states {list(shape)} failed: {type(e).__name__}: {e}"
+            continue
+        gm.graph._codegen = torch.fx.graph.CodeGen()  # positional: derived inputs get appended
+        functionalize_all_reduces(gm)
+        out[len(shape)] = (gm, leaves)
+    return out or why
 
 
 def _rewrite_parents(model: nn.Module, config: TPConfig, parents: list[str]) -> list[Entry]:
     """FlashComm2 on o_proj linears whose all-reduce their parent issues: the parent's
-    traced graph goes through the graph driver, and becomes the parent's forward.
+    traced graphs go through the graph driver, and become the parent's forward.
 
     The derived weights are held by the modules, as on the row-parallel eager twin: the
     gathered o_proj block becomes o_proj's `weight`, others (a summed bias) buffers of
@@ -270,52 +275,65 @@ def _rewrite_parents(model: nn.Module, config: TPConfig, parents: list[str]) -> 
             if type(sub) is nn.Linear and selects(config, "oproj_tp", f"{path}.{c}" if path else c)
         )
         traced.append(_trace_parent(module, o_proj.weight.shape[0]))
-    whys = agree_across_ranks(
-        parents, "the eager rewrite plan (parents)", [t if isinstance(t, str) else "" for t in traced]
-    )
+    forms = [t if isinstance(t, str) else sorted(t) for t in traced]
+    everyone = agree_across_ranks(parents, "the eager rewrite plan (parents)", forms)
     entries = []
     for i, (path, t) in enumerate(zip(parents, traced)):
-        why = next((w[i] for w in whys if w[i]), "")
-        if why:
+        why = next((f[i] for f in everyone if isinstance(f[i], str)), "")
+        if why or len({tuple(f[i]) for f in everyone}) > 1:
+            why = why or "its traced forms differ across ranks"
             entries.append(Entry("flashcomm2", path, False, why, 0, blocked=True))
             continue
-        gm, leaves = t
         module = model.get_submodule(path)
-        params = [module.get_parameter(leaf) for leaf in leaves]
-        x = torch.zeros(3, 1)  # the graph input the driver never reads
-        names = [f"{path}.{leaf}" if path else leaf for leaf in leaves] + ["x"]
-        done = rewrite_graph(gm, only, [*params, x], names)
-        entries += [e for e in done.entries if e.rewrite == "flashcomm2"]
-        if done.matches:
-            _install_parent(module, gm, leaves, done.derived)
+        rewritten = {}
+        for ndim, (gm, leaves) in t.items():
+            params = [module.get_parameter(leaf) for leaf in leaves]
+            names = [f"{path}.{leaf}" if path else leaf for leaf in leaves] + ["x"]
+            done = rewrite_graph(gm, only, [*params, torch.zeros(3, 1)], names)
+            found = [e for e in done.entries if e.rewrite == "flashcomm2"]
+            if not done.matches:  # a form it cannot rewrite: the module is left as it is
+                why = "; ".join(e.reason for e in found) or "no o_proj all-reduce in the trace"
+                entries.append(Entry("flashcomm2", path, False, f"{ndim}-D hidden states: {why}",
+                                     0, blocked=True))
+                break
+            rewritten[ndim] = (gm, leaves, done.derived)
+        else:
+            _install_parent(module, rewritten)
+            entries += found
     refuse_blocked(entries, config.strict)
     return entries
 
 
-def _install_parent(
-    module: nn.Module, gm: Any, leaves: list[str], derived: list[Any]
-) -> None:
-    """`gm` (inputs: the parameters `leaves`, x, the derived weights) becomes the forward."""
-    slots: list[tuple[bool, str]] = []  # (a parameter?, its name) per derived input
-    for i, d in enumerate(derived):
-        if d.spec.kind == "gather" and d.source_index is not None:
-            leaf = leaves[d.source_index]  # o_proj holds its gathered block
-            owner, _, name = leaf.rpartition(".")
-            setattr(module.get_submodule(owner), name, nn.Parameter(d.value, requires_grad=False))
-            slots.append((True, leaf))
-        else:
-            module.register_buffer(f"tp_passes_derived{i}", d.value, persistent=False)
-            slots.append((False, f"tp_passes_derived{i}"))
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    hidden = gm.graph.find_nodes(op="placeholder")[len(leaves)].meta["val"].shape[-1]
+def _install_parent(module: nn.Module, rewritten: dict[int, tuple[Any, list[str], list]]) -> None:
+    """The rewritten graphs become the forward, chosen by the hidden states' rank; each
+    takes the parameters, x, then its derived weights."""
+    forms = {}
+    for ndim, (gm, leaves, derived) in rewritten.items():
+        slots: list[tuple[bool, str]] = []  # (a parameter?, its name) per derived input
+        for i, d in enumerate(derived):
+            if d.spec.kind == "gather" and d.source_index is not None:
+                leaf = leaves[d.source_index]  # o_proj holds its gathered block
+                owner, _, name = leaf.rpartition(".")
+                block = nn.Parameter(d.value, requires_grad=False)
+                setattr(module.get_submodule(owner), name, block)
+                slots.append((True, leaf))
+            else:
+                module.register_buffer(f"tp_passes_{ndim}d_{i}", d.value, persistent=False)
+                slots.append((False, f"tp_passes_{ndim}d_{i}"))
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        forms[ndim] = (gm, leaves, slots)
+    hidden = next(iter(rewritten.values()))[0].graph.find_nodes(op="placeholder")
+    width = hidden[len(next(iter(rewritten.values()))[1])].meta["val"].shape[-1]
 
     def forward(self: nn.Module, x: torch.Tensor) -> Any:
-        if x.dim() != 2 or x.shape[-1] != hidden:
+        if x.dim() not in forms or x.shape[-1] != width:
             raise ValueError(
-                f"tp_passes: this module was rewritten for hidden states [T, {hidden}] "
-                f"(FlashComm2 on the eager path); got x of shape {tuple(x.shape)}"
+                f"tp_passes: this module was rewritten for hidden states of "
+                f"{' or '.join(f'{n}-D' for n in sorted(forms))} [..., {width}] (FlashComm2 on "
+                f"the eager path); got x of shape {tuple(x.shape)}"
             )
+        gm, leaves, slots = forms[x.dim()]
         params = [self.get_parameter(leaf) for leaf in leaves]
         derived = [self.get_parameter(n) if param else self.get_buffer(n) for param, n in slots]
         return gm(*params, x, *derived)

@@ -26,6 +26,14 @@ def val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
+SIZE_OPS = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read `node`'s values (not only its sizes, as a symbolic trace does)."""
+    return [u for u in node.users if not is_call(u, *SIZE_OPS)]
+
+
 def through_views(node: fx.Node) -> fx.Node:
     while is_call(node, *VIEW_OPS):
         node = node.args[0]

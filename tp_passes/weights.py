@@ -54,7 +54,9 @@ class WeightSpec:
     group: Any  # ProcessGroup
 
     def key(self) -> tuple:
-        return (self.kind, self.dim, self.group.group_name)
+        """What the derived value depends on: the group's members, not its name (groups
+        destroyed and created again with the same ranks derive the same values)."""
+        return (self.kind, self.dim, tuple(dist.get_process_group_ranks(self.group)))
 
     @property
     def collective(self) -> bool:

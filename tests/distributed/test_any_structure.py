@@ -73,9 +73,9 @@ def _parent(world: int, route: str, inplace: bool, bias: bool) -> dict:
         run = torch.compile(model, options={"post_grad_custom_post_pass": pass_})
     errs = []
     with torch.no_grad():
-        for t in TOKENS:
-            ids = torch.arange(t) % c.vocab
-            errs.append(_rel(run(ids)[0], ref(ids)[0]))
+        for t in TOKENS:  # [T] ids, then [2, T]: hidden states of [T, H] and [B, T, H]
+            for ids in (torch.arange(t) % c.vocab, (torch.arange(2 * t) % c.vocab).view(2, t)):
+                errs.append(_rel(run(ids)[0], ref(ids)[0]))
     fc2 = sorted(e["module"] for e in entries if e["rewrite"] == "flashcomm2" and e["applied"])
     return {"errs": errs, "flashcomm2": fc2}
 

@@ -52,6 +52,8 @@ def make_config(seed: int, i: int) -> dict:
         merged_gate_up=r.random() < 0.7,
         tie_embeddings=tp == 1 and r.random() < 0.3,
         inplace_all_reduce=tp > 1 and r.random() < 0.25,
+        # o_proj a plain Linear (its bias added on every TP rank), reduced by the attention
+        reduce_in_parent=tp > 1 and r.random() < 0.25,
         seed=r.randrange(1000),
     )
     opts: dict = {}
@@ -67,16 +69,23 @@ def make_config(seed: int, i: int) -> dict:
         )
         for kind in r.sample(kinds, r.randint(1, len(kinds))):
             opts[kind] = r.choice([2, 4] if dp == 4 else [2])
+    if model["layers"] == 2 and r.random() < 0.2:  # a shared-weight series (o_shared on FC2)
+        opts["shared_weights"] = ["o_proj"]
+        opts["prefetch_step"] = 0
     path = r.choice(["graph", "graph", "eager"])
     opts["release_weights"] = r.random() < 0.25
     follow = r.choice(
-        ["none", "shape", "dynamic", "reset", "dtype", "update"]
+        ["none", "shape", "dynamic", "reset", "dtype", "update", "recompile", "destroy"]
         if path == "graph"
         else ["none", "shape", "dtype"]
     )
     if opts["release_weights"] and follow in ("dtype", "update"):
-        follow = "reset"  # the full weights are gone: nothing to cast or update
+        # the full weights are gone: nothing to cast or update (and a model rewritten
+        # eagerly is not compiled again)
+        follow = "reset" if path == "graph" else "none"
     t = r.randint(1, world + 3)
+    if r.random() < 0.15:
+        t = tp  # one row per TP rank (a dynamic graph traced there specializes)
     shape = [t] if r.random() < 0.7 else [r.choice([2, 3]), t]
     return dict(
         index=i,
@@ -86,7 +95,7 @@ def make_config(seed: int, i: int) -> dict:
         model=model,
         opts=opts,
         path=path,
-        inner="inductor" if path == "graph" and i % 60 == 17 else "eager",
+        inner="inductor" if path == "graph" and (i % 60 == 17 or i % 60 == 41) else "eager",
         follow=follow,
         dtype=r.choice(["float32", "float32", "bfloat16"]),
         shape=shape,
@@ -125,22 +134,32 @@ def _run_one(rank: int, world: int, c: dict) -> float:
     ref = RefLlama(cfg, group).to(dtype)
     model = RefLlama(cfg, group).to(dtype)
     opts = dict(c["opts"], inner=c["inner"])
+    follow = c["follow"]
+    # the graph path never writes into the model's parameters (release_weights frees them)
+    watch = c["path"] == "graph" and not opts["release_weights"] and follow not in ("update", "dtype")
+    before = [p.clone() for p in model.parameters()] if watch else []
     errors = []
     with torch.no_grad():
         if c["path"] == "graph":
             fn = torch.compile(
-                model, backend="tp_passes", options=opts, dynamic=c["follow"] == "dynamic"
+                model, backend="tp_passes", options=opts, dynamic=follow in ("dynamic", "recompile")
             )
-        else:
-            tp_passes.parallelize(
-                model, tp_passes.TPConfig.from_dict({k: v for k, v in opts.items() if k != "inner"})
-            )
+        else:  # a dict, as torch.compile's options
+            tp_passes.parallelize(model, {k: v for k, v in opts.items() if k != "inner"})
             fn = model
         x = ids(c["shape"])
         errors.append(_rel(fn(x), ref(x)))
-        follow = c["follow"]
         if follow in ("shape", "dynamic"):
             x = ids([s + 2 for s in c["shape"]], 1)
+        elif follow == "recompile":  # the same model compiled again, dynamic, new shapes
+            fn = torch.compile(model, backend="tp_passes", options=opts, dynamic=True)
+            errors.append(_rel(fn(x), ref(x)))
+            x = ids([s + 1 for s in c["shape"]], 2)
+        elif follow == "destroy":  # reset + destroy_groups + refresh, then compile again
+            torch._dynamo.reset()
+            tp_passes.destroy_groups()
+            tp_passes.refresh_weights()
+            fn = torch.compile(model, backend="tp_passes", options=opts)
         elif follow == "reset":
             torch._dynamo.reset()
             fn = torch.compile(model, backend="tp_passes", options=opts)
@@ -156,6 +175,8 @@ def _run_one(rank: int, world: int, c: dict) -> float:
             tp_passes.refresh_weights()
         if follow != "none":
             errors.append(_rel(fn(x), ref(x)))
+    if before and not all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
+        raise AssertionError("a model parameter changed (the graph path wrote into it)")
     return max(errors)
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tp_passes import comm, cost, weights, wire
-from tp_passes.fx import describe_producer
+from tp_passes.fx import data_users, describe_producer
 from tp_passes.groups.registry import flashcomm2_groups
 from tp_passes.patterns.base import (
     GraphContext,
@@ -88,7 +88,7 @@ class FlashComm2(Rewrite):
             )
         if site.weight_index is None:
             return "o_proj weight is not a graph input (cannot gather it)"
-        if len(mm.weight.users) != 1:
+        if len(data_users(mm.weight)) != 1:
             return "o_proj weight is read elsewhere in the graph"
         if cx.real(mm.weight) is None:
             return "o_proj weight has no real tensor at compile time"

@@ -333,7 +333,8 @@ class SharedWeights(Rewrite):
         sched = SeriesSchedule(len(layers), m.size, cx.config.prefetch_step)
         j = dist.get_rank(m.group.pg)
         owned = {i: lay.derived or lay.real for i, lay in enumerate(layers) if sched.owner(i) == j}
-        like = next(_tensor(b) for b in owned.values())  # k <= layers: every rank owns one
+        v = val(layers[0].w)  # a rank may own no layer (k > layers): shape from the graph
+        like = torch.empty(tuple(v.shape), dtype=v.dtype, device=v.device)
         ring = outside_compile(make_ring, names, sched, m.group, like, owned)
         inserted = self._rewire(cx, layers, ring)
         for i, lay in enumerate(layers):
@@ -452,6 +453,12 @@ def _enter_ring(module: nn.Module, ring: Ring, i: int) -> None:
     inner = module.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # its async broadcasts cannot be traced
+            raise RuntimeError(
+                "tp_passes: a model with an eager shared-weight series (tp_passes.parallelize) "
+                "cannot be compiled; compile the original model with backend='tp_passes' and "
+                "the same shared_weights instead"
+            )
         w = ring.enter(i)
         params = module._parameters
         saved = params["weight"]
