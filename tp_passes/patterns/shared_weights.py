@@ -177,11 +177,13 @@ def make_ring(
     names: list[str],
     sched: SeriesSchedule,
     group: NamedGroup,
-    like: torch.Tensor,
+    like: tuple[tuple[int, ...], torch.dtype, torch.device],
     owned: dict[int, Buffer],
 ) -> Ring:
-    """A ring with its first windows filled (collective)."""
-    windows = [torch.empty_like(like) for _ in range(sched.windows)]
+    """A ring of windows shaped `like` (shape, dtype, device), the first filled (collective;
+    real tensors: call it outside fake mode)."""
+    shape, dtype, device = like
+    windows = [torch.empty(shape, dtype=dtype, device=device) for _ in range(sched.windows)]
     ring = Ring(names, sched, group, dist.get_rank(group.pg), owned, windows)
     ring.fill()
     return ring
@@ -204,6 +206,13 @@ def series_entry(series: str, ring: Ring, layer_bytes: int, wire_bytes: int | No
     }
     if wire_bytes is not None:
         details["wire_bytes_per_step"] = wire_bytes
+    details["saved_bytes"] = details["weight_bytes_before"] - details["weight_bytes_after"]
+    if details["saved_bytes"] <= 0:  # applied as configured, but say so
+        details["note"] = (
+            f"saves no memory on this rank: {len(sched.owned(j))} owned layers + "
+            f"{sched.windows} windows >= {sched.length} layers; a longer series, a larger "
+            "group or a smaller prefetch_step saves"
+        )
     return Entry("shared_weights", series, True, "", sched.k, details)
 
 
@@ -334,7 +343,7 @@ class SharedWeights(Rewrite):
         j = dist.get_rank(m.group.pg)
         owned = {i: lay.derived or lay.real for i, lay in enumerate(layers) if sched.owner(i) == j}
         v = val(layers[0].w)  # a rank may own no layer (k > layers): shape from the graph
-        like = torch.empty(tuple(v.shape), dtype=v.dtype, device=v.device)
+        like = (tuple(v.shape), v.dtype, v.device)
         ring = outside_compile(make_ring, names, sched, m.group, like, owned)
         inserted = self._rewire(cx, layers, ring)
         for i, lay in enumerate(layers):
@@ -346,7 +355,7 @@ class SharedWeights(Rewrite):
             else:
                 m.unowned.append((lay.name, lay.real))
         cx.rings.append(ring)
-        layer_bytes = like.numel() * like.element_size()
+        layer_bytes = v.numel() * v.element_size()
         wire_bytes = wire.total(wire.collective_bytes(inserted))
         entry.details.update(series_entry(m.module, ring, layer_bytes, wire_bytes).details)
 
@@ -439,7 +448,8 @@ def share_eager(
         group = shared_weight_group(layout, which)
         j = dist.get_rank(group.pg)
         owned = {i: ws[i] for i in sched.owned(j)}
-        ring = make_ring(names, sched, group, ws[0], owned)
+        like = (tuple(ws[0].shape), ws[0].dtype, ws[0].device)
+        ring = make_ring(names, sched, group, like, owned)
         for i, (path, module) in enumerate(zip(paths, modules)):
             _enter_ring(module, ring, i)
             if i not in owned:
