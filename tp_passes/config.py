@@ -29,7 +29,7 @@ VLLM_ASCEND_ALIASES = {
 }
 
 _SIZE_FIELDS = ("oproj_tp", "lmhead_tp", "embedding_tp", "mlp_tp", "flashcomm2", "prefetch_step")
-_AUTO_FIELDS = ("sequence_parallel", "fuse_mm_reduce_scatter")
+_AUTO_FIELDS = ("sequence_parallel", "fuse_mm_reduce_scatter", "shared_weights_apply")
 _BOOL_FIELDS = ("release_weights", "strict", "dump", "include_draft_and_vision")
 MODULE_NAME_KEYS = ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp")
 _STR_FIELDS = ("inner", "dump_dir", "shared_weights_group")
@@ -71,6 +71,9 @@ class TPConfig:
     # shard across DP ranks) or "tp"; the weights must be equal on them (checked)
     shared_weights_group: str = "stage"
     prefetch_step: int = 1
+    # "auto": a series applies only where every rank of its group holds fewer layer-sized
+    # buffers (owned layers + windows) than the series has layers; True: wherever it can
+    shared_weights_apply: BoolOrAuto = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.shared_weights, list):  # lists from JSON / dicts, hashable here

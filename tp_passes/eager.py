@@ -144,9 +144,10 @@ def parallelize(
     rewritten = tuple(c.path for c in cands if c.match.apply)
     cx = GraphContext(None, config, [], [], None, layout=layout, layout_reason=why)
     entries += _row_parallel(model, cx, rps, rewritten, device_type)
-    entries += _rewrite_parents(model, config, parents)
+    done, hosts = _rewrite_parents(model, config, parents)
+    entries += done
     # last, as on the graph path: a series shares the weight each layer reads by now
-    entries += shared_weights.share_eager(model, config, layout, why, series)
+    entries += shared_weights.share_eager(model, config, layout, why, series, hosts)
     missing = [
         Entry("shared_weights", f"{name} series", False, f"configured, but no module named "
               f"{name!r} with a 2-D weight is in the model", 0, blocked=True)
@@ -250,13 +251,17 @@ def _trace_parent(module: nn.Module, h: int) -> dict[int, Any] | str:
     return out or why
 
 
-def _rewrite_parents(model: nn.Module, config: TPConfig, parents: list[str]) -> list[Entry]:
+def _rewrite_parents(
+    model: nn.Module, config: TPConfig, parents: list[str]
+) -> tuple[list[Entry], dict[str, str]]:
     """FlashComm2 on o_proj linears whose all-reduce their parent issues: the parent's
     traced graphs go through the graph driver, and become the parent's forward.
 
     The derived weights are held by the modules, as on the row-parallel eager twin: the
     gathered o_proj block becomes o_proj's `weight`, others (a summed bias) buffers of
-    the parent. Collective: every rank, the same `parents` (agreed by the caller).
+    the parent. Returns the entries and {o_proj path: parent path} of the rewritten
+    parents (o_proj's own forward no longer runs: its weight is read by the parent's).
+    Collective: every rank, the same `parents` (agreed by the caller).
     """
     from tp_passes.backend import rewrite_graph
 
@@ -274,11 +279,12 @@ def _rewrite_parents(model: nn.Module, config: TPConfig, parents: list[str]) -> 
             sub for c, sub in module.named_children()
             if type(sub) is nn.Linear and selects(config, "oproj_tp", f"{path}.{c}" if path else c)
         )
-        traced.append(_trace_parent(module, o_proj.weight.shape[0]))
-    forms = [t if isinstance(t, str) else sorted(t) for t in traced]
+        traced.append((o_proj, _trace_parent(module, o_proj.weight.shape[0])))
+    forms = [t if isinstance(t, str) else sorted(t) for _, t in traced]
     everyone = agree_across_ranks(parents, "the eager rewrite plan (parents)", forms)
-    entries = []
-    for i, (path, t) in enumerate(zip(parents, traced)):
+    entries, hosts = [], {}
+    paths = {m: p for p, m in model.named_modules()}
+    for i, (path, (o_proj, t)) in enumerate(zip(parents, traced)):
         why = next((f[i] for f in everyone if isinstance(f[i], str)), "")
         if why or len({tuple(f[i]) for f in everyone}) > 1:
             why = why or "its traced forms differ across ranks"
@@ -300,8 +306,9 @@ def _rewrite_parents(model: nn.Module, config: TPConfig, parents: list[str]) -> 
         else:
             _install_parent(module, rewritten)
             entries += found
+            hosts[paths[o_proj]] = path
     refuse_blocked(entries, config.strict)
-    return entries
+    return entries, hosts
 
 
 def _install_parent(module: nn.Module, rewritten: dict[int, tuple[Any, list[str], list]]) -> None:
@@ -334,8 +341,15 @@ def _install_parent(module: nn.Module, rewritten: dict[int, tuple[Any, list[str]
                 f"the eager path); got x of shape {tuple(x.shape)}"
             )
         gm, leaves, slots = forms[x.dim()]
-        params = [self.get_parameter(leaf) for leaf in leaves]
-        derived = [self.get_parameter(n) if param else self.get_buffer(n) for param, n in slots]
+        params = [_read(self, leaf) for leaf in leaves]
+        derived = [_read(self, n) if param else self.get_buffer(n) for param, n in slots]
         return gm(*params, x, *derived)
 
     module.forward = types.MethodType(forward, module)
+
+
+def _read(module: nn.Module, path: str) -> torch.Tensor:
+    """The tensor in a parameter slot, also while a shared-weight series lends it a ring
+    window (a plain tensor, which `get_parameter` refuses)."""
+    owner, _, name = path.rpartition(".")
+    return module.get_submodule(owner)._parameters[name]

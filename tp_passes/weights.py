@@ -257,8 +257,9 @@ def refuse_reading_released(inputs: list[Any], names: list[str], read: set[int])
 def _refuse(module: Any, what: str) -> None:
     names = ", ".join(module.__dict__["_tp_passes_released_leaves"].values())
     raise RuntimeError(
-        f"tp_passes: {what} is not possible: {names} was freed by release_weights=True and lives "
-        "only as derived shards inside the compiled graph; reload the model to get full weights"
+        f"tp_passes: {what} is not possible: {names} was freed by the rewrite named (with "
+        "release_weights=True, or a shared-weight series that keeps it on another rank) and "
+        "lives only in derived form; reload the model to get full weights"
     )
 
 

@@ -72,6 +72,8 @@ def make_config(seed: int, i: int) -> dict:
     if model["layers"] == 2 and r.random() < 0.2:  # a shared-weight series (o_shared on FC2)
         opts["shared_weights"] = ["o_proj"]
         opts["prefetch_step"] = 0
+        # 2 layers save no memory: "auto" skips the series (checked), True applies it
+        opts["shared_weights_apply"] = r.random() < 0.8 or "auto"
     path = r.choice(["graph", "graph", "eager"])
     opts["release_weights"] = r.random() < 0.25
     follow = r.choice(
@@ -79,9 +81,12 @@ def make_config(seed: int, i: int) -> dict:
         if path == "graph"
         else ["none", "shape", "dtype"]
     )
-    if opts["release_weights"] and follow in ("dtype", "update"):
-        # the full weights are gone: nothing to cast or update (and a model rewritten
-        # eagerly is not compiled again)
+    if (opts["release_weights"] or (path == "eager" and "shared_weights" in opts)) and follow in (
+        "dtype",
+        "update",
+    ):
+        # the full weights are gone (an eager series frees the layers a rank does not own):
+        # nothing to cast or update (and a model rewritten eagerly is not compiled again)
         follow = "reset" if path == "graph" else "none"
     t = r.randint(1, world + 3)
     if r.random() < 0.15:

@@ -51,7 +51,8 @@ def _series(world: int, fc2: bool) -> dict:
     group = dist.group.WORLD if fc2 else None  # FlashComm2 on TP, the plain series on DP
     c = ModelConfig(layers=layers)
     model, ref = RefLlama(c, group), RefLlama(c, group)
-    opts = {"shared_weights": ["o_proj"], "prefetch_step": p, "release_weights": True}
+    opts = {"shared_weights": ["o_proj"], "prefetch_step": p, "release_weights": True,
+            "shared_weights_apply": True}  # at world 2 rank 0 holds 3 + 2 windows: no saving
     opts.update({"flashcomm2": 1} if fc2 else {})
     errs = []
     with torch.no_grad():
@@ -180,6 +181,36 @@ def _dict_config(world: int) -> dict:
     return {"err": err, "applied": sum(e["applied"] for e in entries), "wrong": wrong}
 
 
+# -- found by the soak: an eager series on o_proj linears whose parent FlashComm2 rewrote ----
+
+
+def _eager_series_over_parent(world: int) -> dict:
+    """The parent's rewritten forward reads o_proj's weight itself (o_proj's forward no
+    longer runs): the series must lend that read its ring window. Before the fix a rank
+    that does not own a layer read its freed storage and the other ranks hung."""
+    import tp_passes
+
+    c = ModelConfig(layers=3, reduce_in_parent=True, o_proj_bias=True)
+    model, ref = RefLlama(c, dist.group.WORLD), RefLlama(c, dist.group.WORLD)
+    entries = tp_passes.parallelize(
+        model,
+        {"flashcomm2": 1, "shared_weights": ["o_proj"], "prefetch_step": 1,
+         "shared_weights_apply": True},  # 3 layers: a small series saves nothing
+    )
+    errs = []
+    with torch.no_grad():
+        for t in (5, 7, 5):  # the ring wraps across forwards
+            ids = torch.arange(t) % c.vocab
+            errs.append(_rel(model(ids)[0], ref(ids)[0]))
+    held = [layer.self_attn.o_proj.weight.untyped_storage().nbytes() for layer in model.layers]
+    return {
+        "errs": errs,
+        "fc2": [e["module"] for e in entries if e["rewrite"] == "flashcomm2" and e["applied"]],
+        "series": [e for e in entries if e["rewrite"] == "shared_weights"],
+        "held": held,
+    }
+
+
 def _all(rank: int, world: int) -> dict:
     out = {
         "1_series": _guard(_series, world, False),
@@ -187,6 +218,7 @@ def _all(rank: int, world: int) -> dict:
         "4": _guard(_bias_kept, world),
         "5": _guard(_dynamic_t_equals_n, world),
         "6": _guard(_refresh_after_reset, world),
+        "8": _guard(_eager_series_over_parent, world),
     }
     if world == 2:
         out["7"] = _guard(_dict_config, world)
@@ -240,3 +272,17 @@ def test_7_parallelize_takes_a_dict():
     for rank, r in enumerate(_case(2, "7")):
         assert r["applied"] == 2 and r["err"] <= 1e-5, (rank, r)
         assert "TPConfig or a dict" in r["wrong"] and "int" in r["wrong"], r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_8_eager_series_over_a_parent_flashcomm2_rewrote(world):
+    per_rank = _case(world, "8")
+    layer_bytes = max(max(r["held"]) for r in per_rank)  # a rank may own no layer (world 4)
+    for rank, r in enumerate(per_rank):
+        assert max(r["errs"]) <= 1e-5, (rank, r)
+        assert len(r["fc2"]) == 3, (rank, r)  # every layer's parent rewritten
+        assert len(r["series"]) == 1 and r["series"][0]["applied"], (rank, r)
+        # each layer's gathered o_proj block is held by exactly one rank of the series
+        assert layer_bytes > 0 and set(r["held"]) <= {0, layer_bytes}, (rank, r)
+    owners = [sum(h > 0 for h in hs) for hs in zip(*(r["held"] for r in _case(world, "8")))]
+    assert owners == [1, 1, 1], owners

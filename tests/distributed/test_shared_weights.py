@@ -74,6 +74,8 @@ def _run_case(rank, world, case, dump_dir):
             "sequence_parallel": False,
             "strict": not case.get("tp_shard"),
             "release_weights": not case.get("update"),
+            # True: the small series here are applied although some save nothing
+            "shared_weights_apply": case.get("apply", True),
         }
         if mode == "parallelize":
             entries = tp_passes.parallelize(model, tp_passes.TPConfig(**options))
@@ -193,10 +195,12 @@ def _world_cases(world):
         cases.append(_case("parallelize", L, 1, out_of_order=True))
         cases.append(_case("eager", L, 1, tp_shard=True))  # TP shards differ: skipped
         cases.append(_case("parallelize", L, 1, tp_shard=True))
+    for mode in ("eager", "parallelize"):  # "auto": group rank 0 holds 3 + 3 windows >= 5
+        cases.append(_case(mode, L, 2, apply="auto"))
     for mode in ("eager", "parallelize"):  # FlashComm2 (m = 1) alone, then with the series
         # 6 layers: owned + ring = 3 + 2 (world 2) or 2 + 2 (world 4) windows < 6
         cases.append(_case(mode, 6, 1, fc2=True, fc2_alone=True))
-        cases.append(_case(mode, 6, 1, fc2=True))
+        cases.append(_case(mode, 6, 1, fc2=True, apply="auto"))  # saves: applied by "auto"
     return cases
 
 
@@ -225,7 +229,7 @@ def ran2(tmp_path_factory):
 def test_every_rank_equals_the_original_and_holds_owned_layers_plus_ring(ran):
     world, cases, per_rank = ran
     for i, case in enumerate(cases):
-        if case["fc2"] or case.get("tp_shard") or case.get("update"):
+        if case["fc2"] or case.get("tp_shard") or case.get("update") or case.get("apply"):
             continue
         owned_total = 0
         for res in per_rank:
@@ -286,3 +290,18 @@ def test_tensor_parallel_shards_are_not_shared(ran2):
             assert not entry["applied"]
             assert "differs across the ranks [0, 1]" in entry["reason"], entry["reason"]
             assert res[i]["o_proj_storage"] == [64 * 32 * 4] * case["layers"]  # untouched
+
+
+def test_auto_leaves_a_series_that_saves_no_memory(ran):
+    world, cases, per_rank = ran
+    skipped = [i for i, c in enumerate(cases) if c.get("apply") == "auto" and not c["fc2"]]
+    assert len(skipped) == 2  # graph and eager
+    for i in skipped:
+        for res in per_rank:
+            assert max(res[i]["errs"]) <= 1e-5
+            (entry,) = res[i]["series"]
+            assert not entry["applied"] and not entry["blocked"], entry
+            assert "saves no memory (shared_weights_apply='auto')" in entry["reason"], entry
+            owned0 = len(range(0, 5, world))
+            assert f"{owned0} owned layers + 3 windows >= the series' 5 layers" in entry["reason"]
+            assert res[i]["o_proj_storage"] == [64 * 64 * 4] * 5  # nothing freed

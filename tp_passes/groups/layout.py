@@ -263,3 +263,8 @@ class SeriesSchedule:
     def resident_layers(self, j: int) -> int:
         """Layer-sized buffers group rank j holds: its own layers plus the ring."""
         return len(self.owned(j)) + self.windows
+
+    def saves_everywhere(self) -> bool:
+        """Every group rank holds fewer layer-sized buffers than the series' layers (rank 0
+        owns the most)."""
+        return self.resident_layers(0) < self.length

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -216,6 +217,19 @@ def series_entry(series: str, ring: Ring, layer_bytes: int, wire_bytes: int | No
     return Entry("shared_weights", series, True, "", sched.k, details)
 
 
+def no_saving(sched: SeriesSchedule, config: Any) -> str:
+    """Why "auto" leaves a series alone: some rank would hold as many layer-sized buffers
+    as without it ('' if every rank saves, or shared_weights_apply=True)."""
+    if config.shared_weights_apply is True or sched.saves_everywhere():
+        return ""
+    return (
+        f"saves no memory (shared_weights_apply='auto'): group rank 0 would hold "
+        f"{len(sched.owned(0))} owned layers + {sched.windows} windows >= the series' "
+        f"{sched.length} layers; a longer series, a larger group or a smaller prefetch_step "
+        "saves; shared_weights_apply=True applies it anyway"
+    )
+
+
 def _selected(names: tuple[str, ...], path: str, config: Any) -> str | None:
     """The series name `path` (a module) belongs to, if any."""
     if excluded(path, config.include_draft_and_vision):
@@ -290,7 +304,12 @@ class SharedWeights(Rewrite):
             m.reason = f"no rank layout for the series' group: {cx.layout_reason}"
         if not m.reason:
             m.size = len(shared_weight_partition(cx.layout, which)[0])
-            m.reason = SeriesSchedule(len(m.layers), m.size, cx.config.prefetch_step).error()
+            sched = SeriesSchedule(len(m.layers), m.size, cx.config.prefetch_step)
+            m.reason = sched.error()
+            if not m.reason and (why := no_saving(sched, cx.config)):
+                m.reason = why
+                m.entries.append(Entry(self.name, m.module, False, why, m.size))
+                return
         m.apply = not m.reason
         m.entries.append(Entry(self.name, m.module, m.apply, m.reason, m.size, blocked=not m.apply))
 
@@ -416,14 +435,20 @@ def share_eager(
     layout: RankLayout | None,
     layout_why: str,
     found: dict[str, list[str]],
+    hosts: Mapping[str, str] | None = None,
 ) -> list[Entry]:
     """Apply every series `found` (agreed across ranks) to the modules: the owner keeps
     its layers' weights, the others' are freed; each module's forward enters the ring.
-    Run after the other eager rewrites (a FlashComm2 layer's weight is its gathered block)."""
+    Run after the other eager rewrites (a FlashComm2 layer's weight is its gathered block).
+
+    `hosts`: {layer path: module path} for layers whose weight another module's forward
+    reads in place of theirs (a parent rewritten by FlashComm2): that forward enters the
+    ring."""
     entries = []
     which = config.shared_weights_group
     for series, paths in found.items():
         modules = [model.get_submodule(p) for p in paths]
+        runs = [(hosts or {}).get(p, p) for p in paths]
         ws = [mod.weight for mod in modules]
         shapes = {(str(w.dtype), tuple(w.shape)) for w in ws}
         k = len(shared_weight_partition(layout, which)[0]) if layout is not None else 0
@@ -435,11 +460,19 @@ def share_eager(
                 else ""
             )
             or SeriesSchedule(len(paths), k, config.prefetch_step).error()
+            or (
+                f"several of its layers are run by one module's forward: {sorted(runs)}"
+                if len(set(runs)) < len(runs)
+                else ""
+            )
         )
         names = [f"{p}.weight" for p in paths]
+        name = f"{series} series"
+        if not why and (skip := no_saving(SeriesSchedule(len(paths), k, config.prefetch_step), config)):
+            entries.append(Entry("shared_weights", name, False, skip, k))
+            continue
         if not why:
             why = unequal_weights(names, ws, layout, which)
-        name = f"{series} series"
         if why:
             entries.append(Entry("shared_weights", name, False, why, k, blocked=True))
             refuse_blocked(entries[-1:], config.strict)
@@ -450,17 +483,18 @@ def share_eager(
         owned = {i: ws[i] for i in sched.owned(j)}
         like = (tuple(ws[0].shape), ws[0].dtype, ws[0].device)
         ring = make_ring(names, sched, group, like, owned)
-        for i, (path, module) in enumerate(zip(paths, modules)):
-            _enter_ring(module, ring, i)
+        for i, (module, run) in enumerate(zip(modules, runs)):
+            _enter_ring(module, model.get_submodule(run), ring, i)
             if i not in owned:
                 weights.release(ws[i], names[i], f"shared_weights at {name}", module, "weight")
         entries.append(series_entry(name, ring, ws[0].numel() * ws[0].element_size()))
     return entries
 
 
-def _enter_ring(module: nn.Module, ring: Ring, i: int) -> None:
-    """The module's own forward, run on the layer's weight from the ring."""
-    inner = module.forward
+def _enter_ring(module: nn.Module, host: nn.Module, ring: Ring, i: int) -> None:
+    """`host`'s forward (the module's own, or the parent's that reads its weight), run
+    with the module's weight from the ring."""
+    inner = host.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # its async broadcasts cannot be traced
@@ -478,5 +512,4 @@ def _enter_ring(module: nn.Module, ring: Ring, i: int) -> None:
         finally:
             params["weight"] = saved
 
-    module.forward = forward
-    module._tp_passes_ring = ring
+    host.forward = forward
