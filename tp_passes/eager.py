@@ -332,6 +332,7 @@ def _install_parent(module: nn.Module, rewritten: dict[int, tuple[Any, list[str]
         forms[ndim] = (gm, leaves, slots)
     hidden = next(iter(rewritten.values()))[0].graph.find_nodes(op="placeholder")
     width = hidden[len(next(iter(rewritten.values()))[1])].meta["val"].shape[-1]
+    traced = {n: p.dtype for n, p in module.named_parameters()}  # the graphs bake casts in
 
     def forward(self: nn.Module, x: torch.Tensor) -> Any:
         if x.dim() not in forms or x.shape[-1] != width:
@@ -342,6 +343,14 @@ def _install_parent(module: nn.Module, rewritten: dict[int, tuple[Any, list[str]
             )
         gm, leaves, slots = forms[x.dim()]
         params = [_read(self, leaf) for leaf in leaves]
+        cast = [(n, traced[n], p.dtype) for n, p in zip(leaves, params) if traced.get(n, p.dtype) != p.dtype]
+        if cast:
+            n, was, now = cast[0]
+            raise TypeError(
+                f"tp_passes: this module's forward was rewritten by tp_passes.parallelize "
+                f"(FlashComm2, traced with {n} in {was}); {n} is now {now}. Cast the model "
+                "before parallelize, or compile it (backend='tp_passes'), which follows casts"
+            )
         derived = [_read(self, n) if param else self.get_buffer(n) for param, n in slots]
         return gm(*params, x, *derived)
 

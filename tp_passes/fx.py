@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -122,17 +122,32 @@ def functionalized_inplace(node: fx.Node, op: Any, arg: str) -> tuple[fx.Node, f
 
 
 AllReduceRecognizer = Callable[[fx.Node], "AllReduce | None"]
-_DIALECTS: list[AllReduceRecognizer] = []  # added by integrations (tp_passes.vllm.dialect)
 
 
-def register_all_reduce_dialect(recognize: AllReduceRecognizer) -> None:
-    """Teach `as_all_reduce` another all-reduce form; idempotent.
+@dataclass(frozen=True)
+class Dialect:
+    """How an integration's graphs spell what the core reads (vLLM's custom ops), so the
+    core never imports the integration."""
 
-    Integrations whose graphs spell all-reduces their own way (vLLM's custom ops) register
-    a recognizer here instead of the core importing them.
-    """
-    if recognize not in _DIALECTS:
-        _DIALECTS.append(recognize)
+    name: str
+    all_reduces: tuple[AllReduceRecognizer, ...] = ()
+    # its other collectives, for bytes on the wire: op -> (kind, index of the group-size
+    # argument); a function, as the ops exist only once the framework is imported
+    collectives: Callable[[], Mapping[Any, tuple[str, int]]] = dict
+    producers: Mapping[str, str] = field(default_factory=dict)  # op name -> what it is
+
+
+_DIALECTS: list[Dialect] = []  # added by integrations (tp_passes.vllm.dialect)
+
+
+def register_dialect(dialect: Dialect) -> None:
+    """Teach the core another dialect (all-reduce forms, collectives, producers); a
+    dialect of the same name is replaced."""
+    _DIALECTS[:] = [d for d in _DIALECTS if d.name != dialect.name] + [dialect]
+
+
+def dialects() -> tuple[Dialect, ...]:
+    return tuple(_DIALECTS)
 
 
 def as_all_reduce(node: fx.Node) -> AllReduce | None:
@@ -140,7 +155,7 @@ def as_all_reduce(node: fx.Node) -> AllReduce | None:
 
     Core form (plain PyTorch): ``_c10d_functional.all_reduce(x, "sum", g)`` + ``wait_tensor``;
     the in-place ``dist.all_reduce(y)`` functionalizes to ``copy(y, wait(all_reduce(y)))``,
-    whose result is the copy. Other forms come from `register_all_reduce_dialect`.
+    whose result is the copy. Other forms come from the registered dialects.
     """
     if node.op != "call_function":
         return None
@@ -154,9 +169,10 @@ def as_all_reduce(node: fx.Node) -> AllReduce | None:
         if len(copies) == 1 and len(result.users) == 1:
             result = copies[0]
         return AllReduce(result, partial, str(group))
-    for recognize in _DIALECTS:
-        if (found := recognize(node)) is not None:
-            return found
+    for dialect in _DIALECTS:
+        for recognize in dialect.all_reduces:
+            if (found := recognize(node)) is not None:
+                return found
     return None
 
 
@@ -253,9 +269,8 @@ def describe_producer(node: fx.Node) -> str:
         else node.target
     )
     name = str(target).replace(".default", "")
-    if name == "_C.onednn_mm":
-        return "_C.onednn_mm (vLLM on CPU: a prepacked oneDNN weight handle)"
-    return name
+    what = next((d.producers[name] for d in _DIALECTS if name in d.producers), "")
+    return f"{name} ({what})" if what else name
 
 
 # -- module paths ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -100,7 +101,8 @@ def refuse_blocked(entries: list[Entry], strict: bool) -> None:
         )
 
 
-_REPORTS: list[GraphReport] = []
+REPORT_HISTORY = 1024  # graphs whose reports are kept (a server recompiles for new shapes)
+_REPORTS: collections.deque[GraphReport] = collections.deque(maxlen=REPORT_HISTORY)
 _GRAPH_IDS = itertools.count()
 
 
@@ -119,6 +121,7 @@ def last_report() -> list[dict[str, Any]]:
 
 
 def all_reports() -> list[GraphReport]:
+    """The reports of this process's last `REPORT_HISTORY` graphs, oldest first."""
     return list(_REPORTS)
 
 

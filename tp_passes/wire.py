@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from tp_passes.fx import as_all_reduce, c10d, custom_op, val
+from tp_passes.fx import as_all_reduce, c10d, dialects, val
 
 
 def _hint(s: Any) -> int:
@@ -51,13 +51,16 @@ def _classify(node: fx.Node) -> tuple[str, dict[str, Any] | None] | None:
         )
         n, s = _resolve_process_group(group).size(), _nbytes(val(tensor))
         return "all_reduce", {"op": "all_reduce", "n": n, "bytes": 2 * (n - 1) * s // n}
-    if t in (c10d.reduce_scatter_tensor.default, custom_op("vllm", "reduce_scatter")):
-        n = node.args[2]  # vllm.reduce_scatter(x, dim, world_size, group_name)
-        row = {"op": "reduce_scatter", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0])) // n}
-        return name.split(".")[1], row
-    if t in (c10d.all_gather_into_tensor.default, custom_op("vllm", "all_gather")):
-        n = node.args[1] if t == c10d.all_gather_into_tensor.default else node.args[2]
-        row = {"op": "all_gather", "n": n, "bytes": (n - 1) * _nbytes(val(node.args[0]))}
+    native = {
+        c10d.reduce_scatter_tensor.default: ("reduce_scatter", 2),
+        c10d.all_gather_into_tensor.default: ("all_gather", 1),
+    }
+    for dialect in dialects():  # a host's own, e.g. vllm.reduce_scatter(x, dim, n, group)
+        native.update(dialect.collectives())
+    if t in native:
+        kind, n_at = native[t]
+        n, s = node.args[n_at], _nbytes(val(node.args[0]))
+        row = {"op": kind, "n": n, "bytes": (n - 1) * s // n if kind == "reduce_scatter" else (n - 1) * s}
         return name.split(".")[1], row
     if t == c10d.all_to_all_single.default:
         n = _resolve_process_group(node.args[3]).size()

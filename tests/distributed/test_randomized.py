@@ -88,6 +88,8 @@ def make_config(seed: int, i: int) -> dict:
         # the full weights are gone (an eager series frees the layers a rank does not own):
         # nothing to cast or update (and a model rewritten eagerly is not compiled again)
         follow = "reset" if path == "graph" else "none"
+    if path == "eager" and model["reduce_in_parent"] and opts.get("flashcomm2") and follow == "dtype":
+        follow = "cast_refused"  # the parent's rewritten graph bakes its dtype in: refused
     t = r.randint(1, world + 3)
     if r.random() < 0.15:
         t = tp  # one row per TP rank (a dynamic graph traced there specializes)
@@ -168,6 +170,16 @@ def _run_one(rank: int, world: int, c: dict) -> float:
         elif follow == "reset":
             torch._dynamo.reset()
             fn = torch.compile(model, backend="tp_passes", options=opts)
+        elif follow == "cast_refused":  # a clear error on every rank, before any collective
+            model.to(torch.bfloat16 if dtype == torch.float32 else torch.float32)
+            try:
+                fn(x)
+            except TypeError as e:
+                if "Cast the model before parallelize" not in str(e):
+                    raise
+            else:
+                raise AssertionError("a cast FlashComm2-rewritten parent ran without an error")
+            return max(errors)
         elif follow == "dtype":
             dtype = torch.bfloat16 if dtype == torch.float32 else torch.float32
             ref.to(dtype)

@@ -211,6 +211,24 @@ def _eager_series_over_parent(world: int) -> dict:
     }
 
 
+def _cast_parent(world: int) -> str:
+    """A parent FlashComm2 rewrote eagerly, then cast: its traced graphs bake the dtype in.
+    Before the fix a rank failed inside the graph (a dtype mismatch in a matmul), where
+    another may already wait in a collective; now every rank refuses before any."""
+    import tp_passes
+
+    c = ModelConfig(layers=1, reduce_in_parent=True)
+    model = RefLlama(c, dist.group.WORLD)
+    tp_passes.parallelize(model, {"flashcomm2": 1})
+    model.to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            model(torch.arange(5) % c.vocab)
+    except TypeError as e:
+        return str(e)
+    return "no error"
+
+
 def _all(rank: int, world: int) -> dict:
     out = {
         "1_series": _guard(_series, world, False),
@@ -220,6 +238,8 @@ def _all(rank: int, world: int) -> dict:
         "6": _guard(_refresh_after_reset, world),
         "8": _guard(_eager_series_over_parent, world),
     }
+    if world == 2:
+        out["9"] = _cast_parent(world)
     if world == 2:
         out["7"] = _guard(_dict_config, world)
     return out
@@ -286,3 +306,10 @@ def test_8_eager_series_over_a_parent_flashcomm2_rewrote(world):
         assert layer_bytes > 0 and set(r["held"]) <= {0, layer_bytes}, (rank, r)
     owners = [sum(h > 0 for h in hs) for hs in zip(*(r["held"] for r in _case(world, "8")))]
     assert owners == [1, 1, 1], owners
+
+
+def test_9_a_cast_parent_rewritten_eagerly_is_refused_with_the_reason():
+    for rank, msg in enumerate(_results(2)):
+        msg = msg["9"]
+        assert "weight in torch.float32" in msg, (rank, msg)
+        assert "is now torch.bfloat16" in msg and "Cast the model before parallelize" in msg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,13 +158,17 @@ _INFERRED: dict[RankLayout, GroupRegistry] = {}  # layouts inferred from compile
 _CREATED: dict[tuple[int, ...], Any] = {}  # rank list -> ProcessGroup, shared by all registries
 
 
-def _vllm_parallel_state() -> Any:
-    """vLLM's parallel_state module when its model-parallel groups exist, else None."""
-    try:
-        from vllm.distributed import parallel_state as ps
-    except Exception:
-        return None
-    return ps if ps.model_parallel_is_initialized() else None
+# (name, rank lists, this rank's members, backend) -> this rank's group, or None when the
+# integration's framework does not own the groups in this process
+GroupMaker = Callable[[str, Groups, tuple[int, ...], str], NamedGroup | None]
+_MAKERS: list[GroupMaker] = []  # registered by integrations (tp_passes.vllm: its coordinators)
+
+
+def register_group_maker(maker: GroupMaker) -> None:
+    """Let an integration create (or reuse) the groups while its framework runs, e.g. vLLM's
+    own coordinators. Idempotent. The core never imports an integration."""
+    if maker not in _MAKERS:
+        _MAKERS.append(maker)
 
 
 def init_groups(
@@ -216,11 +221,12 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
     rank, world = dist.get_rank(), dist.get_world_size()
     # torch orders a group's members by global rank, whatever order we list them in
     mine = tuple(sorted(RankLayout.group_of(rank, rank_lists)))
-    ps = _vllm_parallel_state()
-    if ps is not None:
-        if name not in reg.groups:  # a coordinator per partition, created once
-            reg.groups[name] = _vllm_group(ps, name, rank_lists, mine, reg.backend)
-        return reg.groups[name]
+    if name in reg.groups and reg.groups[name].coordinator is not None:
+        return reg.groups[name]  # made by an integration, once per partition
+    for make in _MAKERS:
+        if (made := make(name, rank_lists, mine, reg.backend)) is not None:
+            reg.groups[name] = made
+            return made
     for ranks in rank_lists:  # same order on every rank
         key = tuple(sorted(ranks))
         if key in _CREATED:
@@ -311,27 +317,6 @@ def _world_backend() -> str:
     want = default_backend()
     world = str(dist.get_backend())
     return want if want in world else world.split(":")[-1].split(",")[0]
-
-
-def _vllm_group(ps: Any, name: str, rank_lists: Groups, mine: tuple[int, ...], backend: str):
-    """Inside vLLM: reuse its TP/DP/PP/world coordinators, create the rest through it."""
-    existing = {
-        "world": ps.get_world_group,
-        "tp": ps.get_tp_group,
-        "dp": ps.get_dp_group,
-        "pp": ps.get_pp_group,
-    }
-    if name in existing:
-        coord = existing[name]()
-        if tuple(coord.ranks) != mine:
-            raise ValueError(
-                f"tp_passes: vLLM's {name} group is {coord.ranks} but the layout gives {list(mine)}"
-            )
-    else:
-        coord = ps.init_model_parallel_group(
-            rank_lists, ps.get_world_group().local_rank, backend, group_name=f"tp_passes_{name}"
-        )
-    return NamedGroup(name, mine, coord.device_group, coordinator=coord)
 
 
 def get_registry() -> GroupRegistry:

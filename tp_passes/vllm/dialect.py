@@ -8,11 +8,15 @@ vLLM's graphs name a group in two ways that torch cannot resolve:
   coordinator's shared-memory communicator.
 
 Both map to the coordinator's `device_group`, on which our functional collectives run.
+The groups tp_passes needs are made through vLLM's coordinators (`coordinator_group`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from tp_passes.groups.layout import Groups
+from tp_passes.groups.registry import NamedGroup
 
 
 def _coordinators() -> list[Any]:
@@ -70,9 +74,55 @@ def shm_all_reduce(node: Any) -> Any:
     return AllReduce(found[1], found[0], shm_group_name(node.kwargs["handle"]), "_C.shm_allreduce")
 
 
-def register() -> None:
-    """Make the rewrites see vLLM's all-reduces (idempotent)."""
-    from tp_passes.fx import register_all_reduce_dialect
+def coordinator_group(
+    name: str, rank_lists: Groups, mine: tuple[int, ...], backend: str
+) -> NamedGroup | None:
+    """Inside vLLM (its model-parallel groups exist): reuse its TP/DP/PP/world coordinators,
+    create the rest through it, so vLLM's communicators serve them too."""
+    from vllm.distributed import parallel_state as ps
 
-    register_all_reduce_dialect(vllm_all_reduce)
-    register_all_reduce_dialect(shm_all_reduce)
+    if not ps.model_parallel_is_initialized():
+        return None
+    existing = {
+        "world": ps.get_world_group,
+        "tp": ps.get_tp_group,
+        "dp": ps.get_dp_group,
+        "pp": ps.get_pp_group,
+    }
+    if name in existing:
+        coord = existing[name]()
+        if tuple(coord.ranks) != mine:
+            raise ValueError(
+                f"tp_passes: vLLM's {name} group is {coord.ranks} but the layout gives {list(mine)}"
+            )
+    else:
+        coord = ps.init_model_parallel_group(
+            rank_lists, ps.get_world_group().local_rank, backend, group_name=f"tp_passes_{name}"
+        )
+    return NamedGroup(name, mine, coord.device_group, coordinator=coord)
+
+
+def register() -> None:
+    """Make the rewrites see vLLM's all-reduces, and make groups through vLLM's coordinators
+    (idempotent)."""
+    from tp_passes.fx import Dialect, register_dialect
+    from tp_passes.groups.registry import register_group_maker
+
+    register_dialect(
+        Dialect(
+            "vllm",
+            all_reduces=(vllm_all_reduce, shm_all_reduce),
+            collectives=_collectives,
+            producers={"_C.onednn_mm": "vLLM on CPU: a prepacked oneDNN weight handle"},
+        )
+    )
+    register_group_maker(coordinator_group)
+
+
+def _collectives() -> dict[Any, tuple[str, int]]:
+    """vLLM's own reduce-scatter / all-gather: ``op(x, dim, world_size, group_name)``."""
+    from tp_passes.fx import custom_op
+
+    ops = {custom_op("vllm", "reduce_scatter"): ("reduce_scatter", 2),
+           custom_op("vllm", "all_gather"): ("all_gather", 2)}
+    return {op: how for op, how in ops.items() if op is not None}

@@ -2,7 +2,8 @@
 
 vLLM calls `register()` in every process it starts (engine, workers), possibly more than
 once. It registers vLLM's all-reduce dialects and its config source with the core
-(`tp_passes.fx.register_all_reduce_dialect`, `tp_passes.config.register_host`) and installs
+(`tp_passes.fx.register_dialect`, `tp_passes.config.register_host`,
+`tp_passes.groups.registry.register_group_maker`) and installs
 two hooks, each at most once per process:
 
 1. Config: wraps the current platform's `apply_config_platform_defaults` (vLLM's hook for
