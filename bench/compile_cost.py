@@ -45,6 +45,10 @@ def measure(layers: int, opts: dict, tokens: int = 64) -> dict:
     reps = all_reports()
     nodes = sum(r.nodes for r in reps)
     rewrite_ms = sum(r.rewrite_ms for r in reps)
+    by_family: dict[str, float] = {}
+    for r in reps:
+        for family, ms in r.rewrite_ms_by_family.items():
+            by_family[family] = by_family.get(family, 0.0) + ms
     return {
         "layers": layers,
         "graphs": len(reps),
@@ -53,6 +57,8 @@ def measure(layers: int, opts: dict, tokens: int = 64) -> dict:
         "rewrite_ms_per_1000_nodes": round(1000 * rewrite_ms / nodes, 2),
         "compile_ms_total": round(total_ms, 2),
         "rewrite_share_of_compile": round(rewrite_ms / total_ms, 4),
+        # find + decide + replace + finish per family; "common": sites, agreement, lint
+        "share_by_family": {f: round(ms / total_ms, 4) for f, ms in sorted(by_family.items())},
         "rewrites_applied": sum(e.applied for r in reps for e in r.entries),
     }
 

@@ -11,8 +11,9 @@ the derived weights (extra graph inputs) on every call.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class Rewritten:
     checked_groups: dict[str, Any] = field(default_factory=dict)  # equal T per call (strict)
     layout: str = ""
     rings: list[Any] = field(default_factory=list)  # shared-weight rings, bound after `derived`
+    # ms per rewrite family (find, decide, replace, finish) and "common" (sites, agreement)
+    ms: dict[str, float] = field(default_factory=dict)
 
 
 def _agree(cx: GraphContext, found: Found) -> list[list[list[Any]]]:
@@ -119,15 +122,22 @@ def rewrite_graph(
         decompositions,
     )
     dumper = dumper or Dumper(False, "", 0)
-    cx.sites = find_sites(gm, cx.input_names)
-    found: Found = [(rw, rw.find(cx)) for rw in rewrites]
+    clock = _Clock()
+    with clock("common"):
+        cx.sites = find_sites(gm, cx.input_names)
+    found: Found = []
+    for rw in rewrites:
+        with clock(rw.name):
+            found.append((rw, rw.find(cx)))
     for rw, ms in found:
         for m in ms:
             m.reason = m.reason or (refused or {}).get(rw.name, "")
-    facts = outside_compile(_agree, cx, found)
+    with clock("common"):
+        facts = outside_compile(_agree, cx, found)
     for (rw, ms), per_match in zip(found, facts):
-        for m, f in zip(ms, per_match):
-            rw.decide(m, f, cx)
+        with clock(rw.name):
+            for m, f in zip(ms, per_match):
+                rw.decide(m, f, cx)
     entries = [e for _, ms in found for m in ms for e in m.entries]
     # a graph with no all-reduce and no matmul (a piece between graph breaks) is not where
     # a rewrite was expected: reported, but no error under strict
@@ -138,17 +148,21 @@ def rewrite_graph(
     applied = [(rw, m) for rw, ms in found for m in ms if m.apply]
     outside_compile(_plan_weights, cx, applied)
     for i, (rw, ms) in enumerate(found):
-        for m in ms:
-            if m.apply:
-                rw.replace(m, cx)
+        with clock(rw.name):
+            for m in ms:
+                if m.apply:
+                    rw.replace(m, cx)
         stage_ends = i + 1 == len(found) or found[i + 1][0].stage != rw.stage
         if stage_ends and any(r.stage == rw.stage for r, _ in applied):
             dumper.graph(f"after_{rw.stage}", gm)
     for rw, ms in found:
-        if stage := rw.finish(cx, ms):
+        with clock(rw.name):
+            stage = rw.finish(cx, ms)
+        if stage:
             dumper.graph(f"after_{stage}", gm)
-    gm.graph.lint()
-    gm.recompile()
+    with clock("common"):
+        gm.graph.lint()
+        gm.recompile()
     read = cx.read_inputs()
     weights.refuse_reading_released(cx.inputs, cx.input_names, read)
     if config.release_weights:
@@ -163,7 +177,23 @@ def rewrite_graph(
         cx.checked_groups,
         describe_layout(cx.layout, cx.layout_reason),
         cx.rings,
+        {k: round(v, 2) for k, v in clock.ms.items()},
     )
+
+
+class _Clock:
+    """Milliseconds spent per label (`with clock("flashcomm2"): ...`), for the report."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[label] = self.ms.get(label, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
 def tp_passes_backend(
@@ -206,6 +236,7 @@ def tp_passes_backend(
                 owners=flat_owners,
             )
             report.rewrite_ms = (time.perf_counter() - t0) * 1e3
+            report.rewrite_ms_by_family = done.ms
             report.entries, report.layout = done.entries, done.layout
         if decomps is not None:
             decompose_kept(aten_gm, decomps, fake_mode)

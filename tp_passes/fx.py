@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,28 +321,27 @@ def splice(
     before: fx.Node,
     fake_mode: Any,
     decompositions: dict | None = None,
+    templates: dict | None = None,
+    key: Hashable = None,
 ) -> fx.Node:
     """Trace ``fn(*tensors)`` on the args' fake values and insert it before `before`.
 
     `None` args are passed through as None. `decompositions` must be the table the rest
     of the graph was traced with (Inductor rejects ops it decomposes, e.g. `aten.t`).
     Returns the node of fn's result.
+
+    `key`: what besides its arguments' shapes, strides, dtypes and devices `fn`'s trace
+    depends on (its function and captured values). With a `templates` dict, the trace of
+    an earlier call with the same key and argument metadata is copied instead of tracing
+    again: every layer of a model traces the same replacement once.
     """
-    fake_args = [val(a) if isinstance(a, fx.Node) else a for a in args]
     node_args = [a for a in args if isinstance(a, fx.Node)]
-
-    def only_tensors(*ts: torch.Tensor) -> torch.Tensor:
-        it = iter(ts)
-        return fn(*[next(it) if isinstance(a, fx.Node) else a for a in args])
-
-    from torch._dispatch.python import enable_python_dispatcher
-
-    # symbolic sizes (dynamic token counts) need the python dispatcher, which aot_autograd
-    # enables for its own tracing; eager callers (tp_passes.eager) do not have it on
-    with fake_mode, enable_python_dispatcher():
-        traced = make_fx(only_tensors, decompositions, tracing_mode="real")(
-            *[v for a, v in zip(args, fake_args) if isinstance(a, fx.Node)]
-        )
+    sig = (key, tuple(_meta_key(a) for a in args)) if key is not None else None
+    traced = templates.get(sig) if templates is not None and sig is not None else None
+    if traced is None:
+        traced = _trace(fn, args, fake_mode, decompositions)
+        if templates is not None and sig is not None:
+            templates[sig] = traced
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env.update(zip(placeholders, node_args))
@@ -358,3 +357,26 @@ def splice(
     assert isinstance(out, fx.Node)
     out.meta["tp_passes_inserted"] = list(env.values())  # for per-rewrite byte counts
     return out
+
+
+def _meta_key(a: Any) -> Hashable:
+    if not isinstance(a, fx.Node):
+        return a
+    v = val(a)
+    return (tuple(map(str, v.shape)), tuple(map(str, v.stride())), v.dtype, v.device)
+
+
+def _trace(fn: Callable[..., torch.Tensor], args: Sequence[Any], fake_mode: Any,
+           decompositions: dict | None) -> fx.GraphModule:
+    def only_tensors(*ts: torch.Tensor) -> torch.Tensor:
+        it = iter(ts)
+        return fn(*[next(it) if isinstance(a, fx.Node) else a for a in args])
+
+    from torch._dispatch.python import enable_python_dispatcher
+
+    # symbolic sizes (dynamic token counts) need the python dispatcher, which aot_autograd
+    # enables for its own tracing; eager callers (tp_passes.eager) do not have it on
+    with fake_mode, enable_python_dispatcher():
+        return make_fx(only_tensors, decompositions, tracing_mode="real")(
+            *[val(a) for a in args if isinstance(a, fx.Node)]
+        )

@@ -36,6 +36,7 @@ class GraphReport:
     wire_rows: list[dict[str, Any]] = field(default_factory=list)  # final graph, per collective
     nodes: int = 0  # ATen graph nodes seen by the rewrites
     rewrite_ms: float = 0.0  # time spent matching, planning and rewriting
+    rewrite_ms_by_family: dict[str, float] = field(default_factory=dict)  # and "common"
     config: dict[str, Any] = field(
         default_factory=dict
     )  # the TPConfig this graph was rewritten with
@@ -73,6 +74,7 @@ class GraphReport:
             "nodes": self.nodes,
             "matmuls": {"before": self.matmuls_before, "after": self.matmuls_after},
             "rewrite_ms": self.rewrite_ms,
+            "rewrite_ms_by_family": self.rewrite_ms_by_family,
             "layout": self.layout,
             "config": self.config,
         }

@@ -154,7 +154,8 @@ class FlashComm2(Rewrite):
         with cx.graph.inserting_before(before):
             rows = sharding.size(mm.x, 0)
             shape = sharding.output_shape(site, mm, rows)
-        twin = sharding.splice(produce, [mm.x, w_node, *b_nodes], before)
+        key = ("flashcomm2", odp, site.n // mo, otp, mo)
+        twin = sharding.splice(produce, [mm.x, w_node, *b_nodes], before, key)
         sharding.add(
             before,
             Sharded(twin, site.ar.group_name, site.n, site.j, rows, shape, site.ar.native),

@@ -113,6 +113,7 @@ class TokenSharding:
         self.sharded: dict[fx.Node, Sharded] = {}
         self._full: dict[fx.Node, fx.Node] = {}
         self._gathered: dict[fx.Node, fx.Node] = {}
+        self.templates: dict = {}  # traced replacements by key and argument metadata
 
     @classmethod
     def of(cls, cx: GraphContext) -> TokenSharding:
@@ -122,10 +123,18 @@ class TokenSharding:
         return cx.shared["token_sharding"]
 
     # -- emission ---------------------------------------------------------------------
-    def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    def emit(
+        self, target: Any, args: tuple, kwargs: dict | None = None, like: Any = None
+    ) -> fx.Node:
+        """A call of `target`; its fake value computed, or (`like`: (shape, dtype, device)
+        of a contiguous result the caller knows) made directly, which is much cheaper."""
         node = self.graph.call_function(target, args, kwargs or {})
         with self.fake_mode:
-            node.meta["val"] = target(*fx.map_arg(args, val), **fx.map_arg(kwargs or {}, val))
+            if like is not None:
+                shape, dtype, device = like
+                node.meta["val"] = torch.empty(shape, dtype=dtype, device=device)
+            else:
+                node.meta["val"] = target(*fx.map_arg(args, val), **fx.map_arg(kwargs or {}, val))
         return node
 
     def rows_of(self, node: fx.Node) -> Any:
@@ -145,8 +154,11 @@ class TokenSharding:
     def shape_of(self, node: fx.Node) -> list[Any]:
         return [self.size(node, d) for d in range(val(node).dim())]
 
-    def splice(self, fn: Any, args: list, before: fx.Node) -> fx.Node:
-        return splice(self.graph, fn, args, before, self.fake_mode, self.decompositions)
+    def splice(self, fn: Any, args: list, before: fx.Node, key: Any = None) -> fx.Node:
+        """`fx.splice`, reusing this graph's traces by `key` (see there)."""
+        return splice(
+            self.graph, fn, args, before, self.fake_mode, self.decompositions, self.templates, key
+        )
 
     def output_shape(self, site: Site, mm: Matmul, rows: Any) -> list[Any]:
         """The full shape of the site's reduced value, given the matmul's rows."""
@@ -164,16 +176,25 @@ class TokenSharding:
         if node not in self._full:
             s = self.sharded[node]
             if s.twin not in self._gathered:  # views of one value share one all_gather
+                t = val(s.twin)
+                like = ((s.n * t.shape[0], *t.shape[1:]), t.dtype, t.device)  # a new tensor
                 with self.graph.inserting_after(s.twin):
                     if s.native is not None:  # the host's op, no separate wait
-                        g = w = self.emit(s.native.all_gather, (s.twin, 0, s.n, s.native.group))
+                        g = w = self.emit(
+                            s.native.all_gather, (s.twin, 0, s.n, s.native.group), like=like
+                        )
                     else:
-                        g = self.emit(c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group))
+                        g = self.emit(
+                            c10d.all_gather_into_tensor.default, (s.twin, s.n, s.group), like=like
+                        )
                 if s.native is None:
                     with self.graph.inserting_after(g):
-                        w = self.emit(c10d.wait_tensor.default, (g,))
-                with self.graph.inserting_after(w):
-                    self._gathered[s.twin] = self.emit(aten.slice.Tensor, (w, 0, 0, s.rows))
+                        w = self.emit(c10d.wait_tensor.default, (g,), like=like)
+                if isinstance(s.rows, int) and like[0][0] == s.rows:  # no padding to cut
+                    self._gathered[s.twin] = w
+                else:
+                    with self.graph.inserting_after(w):
+                        self._gathered[s.twin] = self.emit(aten.slice.Tensor, (w, 0, 0, s.rows))
             with self.graph.inserting_before(node):
                 self._full[node] = self.emit(aten.view.default, (self._gathered[s.twin], s.shape))
         return self._full[node]
@@ -232,7 +253,9 @@ class TokenSharding:
                 return self.emit(aten.view.default, (arg, [v.shape[-1]]))
         tokens = val(ref_node).shape[:-1]
         if v.dim() == len(tokens) + 1 and all(_same(a, b) for a, b in zip(v.shape[:-1], tokens)):
-            return self.splice(lambda t: comm.shard_rows(t, ref.n, ref.j), [arg], before)
+            return self.splice(
+                lambda t: comm.shard_rows(t, ref.n, ref.j), [arg], before, ("shard", ref.n, ref.j)
+            )
         raise _NotRowWise
 
     def _row_wise(self, node: fx.Node) -> Sharded | None:
@@ -273,8 +296,11 @@ class TokenSharding:
                 return None
         except _NotRowWise:
             return None
+        rows = val(ref.twin).shape[0] if val(ref.twin).dim() == 2 else None
+        # a row-wise op on [r, F_in] twins gives a contiguous [r, feat] of the original's dtype
+        like = None if rows is None else ((rows, feat), out.dtype, out.device)
         with self.graph.inserting_before(node):
-            twin = self.emit(t, args, dict(node.kwargs))
+            twin = self.emit(t, args, dict(node.kwargs), like)
         shape = list(ref.shape[:-1]) + [feat]
         return Sharded(twin, ref.group, ref.n, ref.j, ref.rows, shape, ref.native)
 
@@ -450,7 +476,9 @@ class SequenceParallel(Rewrite):
                 shape = sharding.output_shape(site, mm, rows)
                 if m.fuse and not m.any_bias and native is None:
                     fn, how = mm_reduce_scatter_impl(val(mm.x).device.type, n, g)
-                    twin = sharding.splice(lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before)
+                    twin = sharding.splice(
+                        lambda x, w: fn(x, w, g, n), [mm.x, mm.weight], before, (fn, g, n)
+                    )
                 else:
                     how = (
                         "decomposed mm + reduce_scatter (bias before the reduce)"
@@ -460,7 +488,8 @@ class SequenceParallel(Rewrite):
                         else "unfused"
                     )
                     twin = sharding.splice(
-                        lambda x: comm.reduce_scatter_rows(x, g, n, native), [mm.mm], before
+                        lambda x: comm.reduce_scatter_rows(x, g, n, native), [mm.mm], before,
+                        ("reduce_scatter", g, n, native),
                     )
                 for e in m.entries:
                     if e.rewrite == "mm_reduce_scatter":
@@ -473,6 +502,7 @@ class SequenceParallel(Rewrite):
                     lambda t: comm.reduce_scatter_rows(t.reshape(-1, t.shape[-1]), g, n, native),
                     [partial],
                     before,
+                    ("reduce_scatter_rows", g, n, native),
                 )
         sharding.add(before, Sharded(twin, g, n, site.j, rows, shape, native))
 
