@@ -127,10 +127,12 @@ class TokenSharding:
         self, target: Any, args: tuple, kwargs: dict | None = None, like: Any = None
     ) -> fx.Node:
         """A call of `target`; its fake value computed, or (`like`: (shape, dtype, device)
-        of a contiguous result the caller knows) made directly, which is much cheaper."""
+        of a contiguous result the caller knows) made directly, which is much cheaper. Only
+        for static shapes: a symbolic size made so misses the guards dispatch would add
+        (Inductor then lowers size arithmetic a guard had fixed, e.g. at T = n)."""
         node = self.graph.call_function(target, args, kwargs or {})
         with self.fake_mode:
-            if like is not None:
+            if like is not None and all(isinstance(d, int) for d in like[0]):
                 shape, dtype, device = like
                 node.meta["val"] = torch.empty(shape, dtype=dtype, device=device)
             else:
@@ -190,7 +192,9 @@ class TokenSharding:
                 if s.native is None:
                     with self.graph.inserting_after(g):
                         w = self.emit(c10d.wait_tensor.default, (g,), like=like)
-                if isinstance(s.rows, int) and like[0][0] == s.rows:  # no padding to cut
+                gathered = like[0][0]
+                # no padding to cut (static sizes only: comparing a SymInt adds a guard)
+                if isinstance(s.rows, int) and isinstance(gathered, int) and gathered == s.rows:
                     self._gathered[s.twin] = w
                 else:
                     with self.graph.inserting_after(w):
