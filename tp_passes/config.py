@@ -177,8 +177,8 @@ def _non_default(cfg: TPConfig) -> dict[str, Any]:
     }
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
 def _parse_value(key: str, name: str, value: Any) -> Any:

@@ -126,8 +126,8 @@ AllReduceRecognizer = Callable[[fx.Node], "AllReduce | None"]
 
 @dataclass(frozen=True)
 class Dialect:
-    """How an integration's graphs spell what the core reads (vLLM's custom ops), so the
-    core never imports the integration."""
+    """What an integration teaches the core, so the core never imports it: how its graphs
+    spell collectives (vLLM's custom ops) and how its process groups are made."""
 
     name: str
     all_reduces: tuple[AllReduceRecognizer, ...] = ()
@@ -135,6 +135,9 @@ class Dialect:
     # argument); a function, as the ops exist only once the framework is imported
     collectives: Callable[[], Mapping[Any, tuple[str, int]]] = dict
     producers: Mapping[str, str] = field(default_factory=dict)  # op name -> what it is
+    # make_group(name, rank lists, this rank's members, backend): this rank's NamedGroup,
+    # made by the framework (vLLM's coordinators), or None where it does not own groups
+    make_group: Callable[..., Any] | None = None
 
 
 _DIALECTS: list[Dialect] = []  # added by integrations (tp_passes.vllm.dialect)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 import sys
-import weakref
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from tp_passes.fx import module_of, path_from_source
+from tp_passes.owner import owner
 
 
 def _sources(gm: fx.GraphModule) -> list[str]:
@@ -27,11 +27,6 @@ def _sources(gm: fx.GraphModule) -> list[str]:
         name = getattr(src, "name", "") if src is not None else ""
         names.append(name() if callable(name) else name)
     return names
-
-
-# module -> its path under the largest module compiled so far (registry: a graph break
-# resumes inside a submodule, whose frame knows only itself as `self`)
-_PATHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _frame_locals() -> dict[str, Any]:
@@ -63,12 +58,15 @@ def _self_prefix(frame_locals: dict[str, Any]) -> str:
     me = frame_locals.get("self")
     if not isinstance(me, torch.nn.Module):
         return ""
+    # module -> its path under the largest module run so far: a graph break resumes
+    # inside a submodule, whose frame knows only itself as `self`
+    paths = owner().paths
     for root in (_outermost_module(), me):
-        if root is not None and root not in _PATHS:
+        if root is not None and root not in paths:
             for path, sub in root.named_modules():
-                if len(path) >= len(_PATHS.get(sub, "")):
-                    _PATHS[sub] = path  # the longest path: seen from the largest model
-    return _PATHS.get(me, "")
+                if len(path) >= len(paths.get(sub, "")):
+                    paths[sub] = path  # the longest path: seen from the largest model
+    return paths.get(me, "")
 
 
 def input_names(gm: fx.GraphModule) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -12,6 +10,8 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.fx as fx
+
+from tp_passes.owner import owner
 
 
 @dataclass
@@ -103,32 +103,28 @@ def refuse_blocked(entries: list[Entry], strict: bool) -> None:
         )
 
 
-REPORT_HISTORY = 1024  # graphs whose reports are kept (a server recompiles for new shapes)
-_REPORTS: collections.deque[GraphReport] = collections.deque(maxlen=REPORT_HISTORY)
-_GRAPH_IDS = itertools.count()
-
-
 def next_graph_id() -> int:
     """Numbers compiled graphs (and eager rewrites) in this process, for reports and dumps."""
-    return next(_GRAPH_IDS)
+    return next(owner().graph_ids)
 
 
 def record(report: GraphReport) -> None:
-    _REPORTS.append(report)
+    owner().reports.append(report)
 
 
 def last_report() -> list[dict[str, Any]]:
     """Entries of the most recently compiled graph, as dicts."""
-    return [asdict(e) for e in _REPORTS[-1].entries] if _REPORTS else []
+    reports = owner().reports
+    return [asdict(e) for e in reports[-1].entries] if reports else []
 
 
 def all_reports() -> list[GraphReport]:
     """The reports of this process's last `REPORT_HISTORY` graphs, oldest first."""
-    return list(_REPORTS)
+    return list(owner().reports)
 
 
 def reset_reports() -> None:
-    _REPORTS.clear()
+    owner().reports.clear()
 
 
 def rank() -> int:

@@ -11,11 +11,12 @@ one compile, reusing a cached one only when it is still valid:
   is decided from every rank's cache state at once (one `all_gather_object`), never from
   what one rank happens to have cached: a hit on one rank and a miss on another would
   leave the miss waiting in a collective forever;
-- the cache lives on an *anchor* tensor every rank has (the source, or the o_proj weight
-  for a bias that exists on TP rank 0 only).
+- the cache is keyed by an *anchor* tensor every rank has (the source, or the o_proj
+  weight for a bias that exists on TP rank 0 only), held by the owner (`tp_passes.owner`)
+  in a weak dictionary: nothing is set on the tensor.
 
 `release` frees a source's storage after its derived weights exist (as FSDP does). A
-released tensor keeps its metadata and is marked; it is never read again: a rebuild from
+released tensor keeps its metadata and is noted by the owner; it is never read again: a rebuild from
 it is refused on every rank with the weight's name, and the backend refuses a graph that
 would still read it.
 
@@ -40,9 +41,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from tp_passes import comm
+from tp_passes.owner import owner
 
-ATTR = "_tp_passes_derived"  # anchor attribute: {(spec key, name): (state, derived tensor)}
-RELEASED = "_tp_passes_released"  # set on a released source: why it was released
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def state(t: torch.Tensor | None) -> tuple | None:
 
 
 def is_released(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and bool(getattr(t, RELEASED, ""))
+    return isinstance(t, torch.Tensor) and t in owner().released
 
 
 def derive(
@@ -126,7 +126,7 @@ class Derived:
     def cached(self) -> tuple[bool, torch.Tensor | None]:
         """(hit, value): a hit with no value is a weight this rank made and handed to a
         shared-weight series' owner (`forget`): it needs no rebuild here."""
-        hit = getattr(self.anchor, ATTR, {}).get(self._cache_key()) if self.keep else None
+        hit = owner().derived.get(self.anchor, {}).get(self._cache_key()) if self.keep else None
         if hit is not None and hit[0] == (state(self.source), state(self.anchor)):
             return True, hit[1]
         return False, None
@@ -157,19 +157,16 @@ class Derived:
         if not self.keep:
             return
         self.value = value
-        store = dict(getattr(self.anchor, ATTR, {}))
+        store = owner().derived.setdefault(self.anchor, {})
         store[self._cache_key()] = ((self.made_from, state(self.anchor)), self.value)
-        setattr(self.anchor, ATTR, store)
 
     def forget(self) -> None:
         """Drop the value from now on (see `keep`). The cache remembers it was made, so a
         recompile finds it held by the series' owner instead of rebuilding it (its source
         may be freed by release_weights)."""
-        key = self._cache_key()
-        store = dict(getattr(self.anchor, ATTR, {}))
+        key, store = self._cache_key(), owner().derived.get(self.anchor, {})
         if key in store:
             store[key] = (store[key][0], None)
-        setattr(self.anchor, ATTR, store)
         self.keep, self.value = False, None
 
 
@@ -201,9 +198,9 @@ def materialize(requests: list[Derived]) -> None:
             d.build()
 
 
-def release(t: torch.Tensor, name: str, why: str, owner: Any, leaf: str) -> None:
-    """Free `t` (module path `name`)'s storage, as FSDP does, and mark it released;
-    `owner.<leaf>` is `t`.
+def release(t: torch.Tensor, name: str, why: str, module: Any, leaf: str) -> None:
+    """Free `t` (module path `name`)'s storage, as FSDP does, and note it released;
+    `module.<leaf>` is `t`.
 
     Call only for a tensor nothing reads any more, after every derived tensor exists.
     The owning module then refuses `state_dict()` and `.to()`/`.half()`/... with the
@@ -211,13 +208,14 @@ def release(t: torch.Tensor, name: str, why: str, owner: Any, leaf: str) -> None
     """
     if is_released(t):
         return
-    setattr(t, RELEASED, why)
+    owner().released[t] = why
     t.untyped_storage().resize_(0)
-    leaves = owner.__dict__.setdefault("_tp_passes_released_leaves", {})
+    leaves = owner().guarded.setdefault(module, {})
     if not leaves:  # first released weight of this module: install the guards once
-        owner.register_state_dict_post_hook(lambda mod, *_: _refuse(mod, "state_dict()"))
-        owner._apply = types.MethodType(
-            lambda mod, *_a, **_k: _refuse(mod, "converting it (.to(), .half(), ...)"), owner
+        module.register_state_dict_post_hook(lambda mod, *_: _refuse(mod, "state_dict()"))
+        # nn.Module has no hook before a conversion; its instance `_apply` is the one place
+        module._apply = types.MethodType(
+            lambda mod, *_a, **_k: _refuse(mod, "converting it (.to(), .half(), ...)"), module
         )
     leaves[leaf] = f"{name} ({why})"
 
@@ -255,7 +253,7 @@ def refuse_reading_released(inputs: list[Any], names: list[str], read: set[int])
 
 
 def _refuse(module: Any, what: str) -> None:
-    names = ", ".join(module.__dict__["_tp_passes_released_leaves"].values())
+    names = ", ".join(owner().guarded[module].values())
     raise RuntimeError(
         f"tp_passes: {what} is not possible: {names} was freed by the rewrite named (with "
         "release_weights=True, or a shared-weight series that keeps it on another rank) and "
@@ -263,23 +261,19 @@ def _refuse(module: Any, what: str) -> None:
     )
 
 
-# tensors some compiled graph reads, by id (a WeakSet would compare tensors with ==)
-_READ: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
 def note_read(tensors: list[torch.Tensor]) -> None:
     """Record tensors a compiled graph reads at run time: `release` must never free them."""
-    _READ.update((id(t), t) for t in tensors if isinstance(t, torch.Tensor))
+    read = owner().read
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            read[t] = True
 
 
 def read_by_compiled_graphs() -> set[int]:
-    return set(_READ.keys())
+    return {id(t) for t in owner().read.keys()}
 
 
 # -- after compile: detect updates, refresh -----------------------------------------------
-
-_LIVE: list[weakref.ref] = []  # BoundWeights of live compiled graphs, in creation order
-
 
 @dataclass(eq=False)
 class BoundWeights:
@@ -307,7 +301,7 @@ class BoundWeights:
         if self.derived and self.per_call:
             anchors = [d.anchor for d in self.derived]
             self.sets[tuple(map(id, anchors))] = ([weakref.ref(a) for a in anchors], self.derived)
-        _LIVE.append(weakref.ref(self))
+        owner().graphs.append(weakref.ref(self))
 
     @property
     def per_call(self) -> bool:
@@ -405,10 +399,11 @@ def drop_compiled_graphs() -> None:
     ``__compiled_fn`` global in the model's module may still hold the function): free
     their derived weights and rings, so `refresh_weights()` neither rebuilds them (on
     groups that may be destroyed by now) nor keeps them alive."""
-    for ref in _LIVE:
+    graphs = owner().graphs
+    for ref in graphs:
         if (b := ref()) is not None:
             b.drop()
-    _LIVE.clear()
+    graphs.clear()
 
 
 def refresh_weights() -> int:
@@ -423,8 +418,9 @@ def refresh_weights() -> int:
     import gc
 
     gc.collect()  # graphs dropped by torch._dynamo.reset() must not count on one rank only
-    live = [b for b in (ref() for ref in _LIVE) if b is not None]
-    _LIVE[:] = [weakref.ref(b) for b in live]
+    graphs = owner().graphs
+    live = [b for b in (ref() for ref in graphs) if b is not None]
+    graphs[:] = [weakref.ref(b) for b in live]
     every = [d for b in live for ds in b.all_sets() for d in ds]
     todo = [d for d in every if not is_released(d.source)]
     lost = [d.name for d in every if is_released(d.source) and state(d.source) != d.made_from]
@@ -450,14 +446,18 @@ def refresh_weights() -> int:
     return len(todo)
 
 
-_RINGS: list[weakref.ref] = []  # shared-weight rings (graph and eager), in creation order
-
-
 def register_ring(ring: Any) -> None:
-    _RINGS.append(weakref.ref(ring))
+    owner().rings.append(weakref.ref(ring))
 
 
 def live_rings() -> list[Any]:
-    rings = [r for r in (ref() for ref in _RINGS) if r is not None and not r.dropped]
-    _RINGS[:] = [weakref.ref(r) for r in rings]
+    """Shared-weight rings (graph and eager) still in use, in creation order."""
+    refs = owner().rings
+    rings = [r for r in (ref() for ref in refs) if r is not None and not r.dropped]
+    refs[:] = [weakref.ref(r) for r in rings]
     return rings
+
+
+def derived_values(anchor: torch.Tensor) -> list[torch.Tensor]:
+    """The derived tensors cached for `anchor` (for tests and memory accounting)."""
+    return [v for _, v in owner().derived.get(anchor, {}).values() if v is not None]

@@ -8,6 +8,7 @@ import tp_passes
 from tp_passes.groups import registry
 from tp_passes import RankLayout, TPConfig
 from tp_passes.groups.registry import required_groups
+from tp_passes.owner import owner
 from tp_passes.testing import RankFailure, run_ranks
 
 CONFIGS = {
@@ -33,9 +34,9 @@ def _check_all_groups(rank, world, cases):
         layout = RankLayout(world, **layout_kwargs)
         reg = tp_passes.init_groups(config, layout)
         assert tp_passes.init_groups(config, layout) is reg  # idempotent
-        n_created = len(registry._CREATED)  # process groups, shared by all registries
+        n_created = len(owner().created)  # process groups, shared by all registries
         tp_passes.init_groups(config, layout)
-        assert len(registry._CREATED) == n_created
+        assert len(owner().created) == n_created
         for name, rank_lists in required_groups(config, layout).items():
             mine = sorted(RankLayout.group_of(rank, rank_lists))
             info = tp_passes.get_group_info(name)
@@ -47,7 +48,7 @@ def _check_all_groups(rank, world, cases):
             assert x.item() == sum(r + 1 for r in mine), (name, x.item(), mine)
             checked.append((layout_kwargs.get("tp"), name, mine))
         # equal rank lists are one group
-        keys = list(registry._CREATED)
+        keys = list(owner().created)
         assert len(keys) == len(set(keys))
         tp_passes.destroy_groups()
     return checked

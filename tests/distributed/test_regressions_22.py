@@ -69,16 +69,11 @@ def _series(world: int, fc2: bool) -> dict:
     series = [e for r in all_reports() for e in r.entries if e.rewrite == "shared_weights"]
     # what this rank holds of the series: the model's o_proj weights (plain series) or
     # FlashComm2's gathered weights (cached on the TP shards), then the ring's windows
-    from tp_passes.weights import ATTR, live_rings
+    from tp_passes.weights import derived_values, live_rings
 
     o_projs = [m.o_proj.weight for m in (layer.self_attn for layer in model.layers)]
     if fc2:
-        held = sum(
-            v.untyped_storage().nbytes()
-            for w in o_projs
-            for _, v in getattr(w, ATTR, {}).values()
-            if v is not None
-        )
+        held = sum(v.untyped_storage().nbytes() for w in o_projs for v in derived_values(w))
     else:
         held = sum(w.untyped_storage().nbytes() for w in o_projs)
     rings = live_rings()

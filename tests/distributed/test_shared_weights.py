@@ -114,12 +114,8 @@ def _run_case(rank, world, case, dump_dir):
     rings = weights.live_rings()
     out["ring_bytes"] = sum(_storage(w) for w in rings[-1].windows) if rings and series else 0
     if fc2 and mode != "parallelize":  # FlashComm2's gathered weights this rank keeps (cached)
-        out["gathered_bytes"] = sum(  # None: made, and handed to the series' owner
-            _storage(v)
-            for w in o_proj
-            for (_, v) in getattr(w, weights.ATTR, {}).values()
-            if v is not None
-        )
+        # a weight made and handed to the series' owner is not held here
+        out["gathered_bytes"] = sum(_storage(v) for w in o_proj for v in weights.derived_values(w))
     if fc2 and mode == "parallelize":
         out["gathered_bytes"] = sum(_storage(w) for w in o_proj)
     if case.get("out_of_order"):

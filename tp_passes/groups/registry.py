@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from tp_passes.config import TPConfig
+from tp_passes.fx import dialects
 from tp_passes.groups.layout import Groups, RankLayout
+from tp_passes.owner import owner
 
 
 @dataclass(frozen=True)
@@ -153,24 +154,6 @@ class GroupRegistry:
             ) from None
 
 
-_REGISTRY: GroupRegistry | None = None  # from init_groups (explicit layout)
-_INFERRED: dict[RankLayout, GroupRegistry] = {}  # layouts inferred from compiled models
-_CREATED: dict[tuple[int, ...], Any] = {}  # rank list -> ProcessGroup, shared by all registries
-
-
-# (name, rank lists, this rank's members, backend) -> this rank's group, or None when the
-# integration's framework does not own the groups in this process
-GroupMaker = Callable[[str, Groups, tuple[int, ...], str], NamedGroup | None]
-_MAKERS: list[GroupMaker] = []  # registered by integrations (tp_passes.vllm: its coordinators)
-
-
-def register_group_maker(maker: GroupMaker) -> None:
-    """Let an integration create (or reuse) the groups while its framework runs, e.g. vLLM's
-    own coordinators. Idempotent. The core never imports an integration."""
-    if maker not in _MAKERS:
-        _MAKERS.append(maker)
-
-
 def init_groups(
     config: TPConfig, layout: RankLayout, *, backend: str | None = None
 ) -> GroupRegistry:
@@ -178,7 +161,6 @@ def init_groups(
 
     Idempotent: a second call with the same layout creates only groups not yet present.
     """
-    global _REGISTRY
     if not dist.is_initialized():
         raise RuntimeError("tp_passes.init_groups: torch.distributed is not initialized")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -189,14 +171,15 @@ def init_groups(
         )
     plan = required_groups(config, layout)  # validates sizes before any collective
     agree_across_ranks({"layout": repr(layout), "plan": plan}, "init_groups(config, layout)")
-    if _REGISTRY is not None and _REGISTRY.layout != layout:
+    state = owner()
+    if state.explicit is not None and state.explicit.layout != layout:
         raise ValueError(
-            f"tp_passes.init_groups: groups already exist for {_REGISTRY.layout}; call "
+            f"tp_passes.init_groups: groups already exist for {state.explicit.layout}; call "
             f"destroy_groups() before initializing {layout}"
         )
-    if _REGISTRY is None:
-        _REGISTRY = GroupRegistry(config, layout, backend or _world_backend())
-    reg = _REGISTRY
+    if state.explicit is None:
+        state.explicit = GroupRegistry(config, layout, backend or _world_backend())
+    reg = state.explicit
     reg.config = config
     for name, rank_lists in plan.items():
         partition = tuple(tuple(sorted(g)) for g in rank_lists)
@@ -223,20 +206,23 @@ def ensure_partition(reg: GroupRegistry, name: str, rank_lists: Groups) -> Named
     mine = tuple(sorted(RankLayout.group_of(rank, rank_lists)))
     if name in reg.groups and reg.groups[name].coordinator is not None:
         return reg.groups[name]  # made by an integration, once per partition
-    for make in _MAKERS:
-        if (made := make(name, rank_lists, mine, reg.backend)) is not None:
+    for dialect in dialects():
+        if dialect.make_group is None:
+            continue
+        if (made := dialect.make_group(name, rank_lists, mine, reg.backend)) is not None:
             reg.groups[name] = made
             return made
+    created = owner().created  # shared by all registries
     for ranks in rank_lists:  # same order on every rank
         key = tuple(sorted(ranks))
-        if key in _CREATED:
+        if key in created:
             continue
         if len(key) == world:
-            _CREATED[key] = dist.group.WORLD
+            created[key] = dist.group.WORLD
         else:
             pg = dist.new_group(list(key), backend=reg.backend)
-            _CREATED[key] = pg if rank in key else None
-    reg.groups[name] = NamedGroup(name, mine, _CREATED[mine])
+            created[key] = pg if rank in key else None
+    reg.groups[name] = NamedGroup(name, mine, created[mine])
     return reg.groups[name]
 
 
@@ -248,7 +234,8 @@ def registry_for(inferred: RankLayout) -> GroupRegistry:
     whose groups are created on first use. Every rank calls this with the same layout
     (inferred from data agreed across ranks).
     """
-    reg = _REGISTRY
+    state = owner()
+    reg = state.explicit
     if reg is not None:
         if sorted(map(sorted, inferred.tp_groups())) != sorted(map(sorted, reg.layout.tp_groups())):
             raise ValueError(
@@ -257,9 +244,9 @@ def registry_for(inferred: RankLayout) -> GroupRegistry:
                 "pass a RankLayout whose tp (and islands) match the model's TP process groups"
             )
         return reg
-    if inferred not in _INFERRED:
-        _INFERRED[inferred] = GroupRegistry(TPConfig(), inferred, _world_backend())
-    return _INFERRED[inferred]
+    if inferred not in state.inferred:
+        state.inferred[inferred] = GroupRegistry(TPConfig(), inferred, _world_backend())
+    return state.inferred[inferred]
 
 
 def _named(layout: RankLayout, name: str, rank_lists: Groups) -> NamedGroup:
@@ -274,7 +261,7 @@ def _named(layout: RankLayout, name: str, rank_lists: Groups) -> NamedGroup:
     partition = tuple(tuple(sorted(g)) for g in rank_lists)
     known = reg.partitions.get(name, partition)
     if known != partition:
-        if reg is _REGISTRY:
+        if reg is owner().explicit:
             raise ValueError(
                 f"tp_passes: group {name!r} was made by init_groups as {[list(g) for g in known]} "
                 f"but this compile needs {[list(g) for g in partition]}; pass init_groups the "
@@ -307,8 +294,8 @@ def describe_layout(layout: RankLayout | None, why: str) -> str:
     """The layout a compile's plan uses, and where it comes from, for the report."""
     if layout is None:
         return f"none: {why}"
-    if _REGISTRY is not None:
-        return f"{_REGISTRY.layout} (from init_groups)"
+    if owner().explicit is not None:
+        return f"{owner().explicit.layout} (from init_groups)"
     return f"{layout} (inferred from the model's TP groups; init_groups was not called)"
 
 
@@ -320,9 +307,9 @@ def _world_backend() -> str:
 
 
 def get_registry() -> GroupRegistry:
-    if _REGISTRY is None:
+    if owner().explicit is None:
         raise RuntimeError("tp_passes: groups are not initialized; call tp_passes.init_groups")
-    return _REGISTRY
+    return owner().explicit
 
 
 def get_group(name: str) -> Any:
@@ -332,7 +319,9 @@ def get_group(name: str) -> Any:
 
 def get_group_info(name: str) -> NamedGroup:
     """A group by name: from init_groups, else from a layout a compile inferred (newest first)."""
-    for reg in ([_REGISTRY] if _REGISTRY is not None else []) + list(reversed(_INFERRED.values())):
+    state = owner()
+    explicit = [state.explicit] if state.explicit is not None else []
+    for reg in explicit + list(reversed(state.inferred.values())):
         if name in reg.groups:
             return reg.groups[name]
     return get_registry().get(name)  # raises: not initialized, or the names that exist
@@ -340,10 +329,12 @@ def get_group_info(name: str) -> NamedGroup:
 
 def destroy_groups() -> None:
     """Destroy every group `init_groups` created (not vLLM's own TP/DP/PP groups)."""
-    global _REGISTRY
-    registries = ([_REGISTRY] if _REGISTRY is not None else []) + list(_INFERRED.values())
-    _REGISTRY = None
-    _INFERRED.clear()
+    state = owner()
+    registries = ([state.explicit] if state.explicit is not None else []) + list(
+        state.inferred.values()
+    )
+    state.explicit = None
+    state.inferred.clear()
     destroyed: set[int] = set()
     for reg in registries:
         for name, g in reg.groups.items():
@@ -351,8 +342,8 @@ def destroy_groups() -> None:
                 if id(g.coordinator) not in destroyed:
                     destroyed.add(id(g.coordinator))
                     g.coordinator.destroy()
-    created = list(_CREATED.values())
-    _CREATED.clear()
+    created = list(state.created.values())
+    state.created.clear()
     if dist.is_initialized():
         for pg in created:
             if pg is not None and pg is not dist.group.WORLD:

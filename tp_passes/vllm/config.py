@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tp_passes.config import MODULE_NAME_KEYS, Host, TPConfig
+from tp_passes.owner import owner
 
 BACKEND = "tp_passes"
 # why the graph and eager rewrites leave module TP alone inside vLLM
@@ -63,16 +64,13 @@ CPU_INDUCTOR_DEFAULTS = {
     "cpp.dynamic_threads": True,
 }
 
-_LOADED: list[Any] = []  # the config of the model this vLLM worker loaded (see `remember`)
-
-
 def remember(vllm_config: Any) -> None:
     """Called by the plugin when a vLLM worker has loaded its model.
 
     vLLM compiles later, inside its first forward, without its config set as current;
     the backend finds the worker's config here.
     """
-    _LOADED[:] = [vllm_config]
+    owner().integrations["vllm.config"] = vllm_config
 
 
 def current_vllm_config() -> Any | None:
@@ -84,7 +82,7 @@ def current_vllm_config() -> Any | None:
     from vllm.config import get_current_vllm_config_or_none
 
     current = get_current_vllm_config_or_none()
-    return current if current is not None else (_LOADED[0] if _LOADED else None)
+    return current if current is not None else owner().integrations.get("vllm.config")
 
 
 def host(options: Mapping[str, Any] | None) -> Host | None:

@@ -106,7 +106,6 @@ def register() -> None:
     """Make the rewrites see vLLM's all-reduces, and make groups through vLLM's coordinators
     (idempotent)."""
     from tp_passes.fx import Dialect, register_dialect
-    from tp_passes.groups.registry import register_group_maker
 
     register_dialect(
         Dialect(
@@ -114,9 +113,9 @@ def register() -> None:
             all_reduces=(vllm_all_reduce, shm_all_reduce),
             collectives=_collectives,
             producers={"_C.onednn_mm": "vLLM on CPU: a prepacked oneDNN weight handle"},
+            make_group=coordinator_group,
         )
     )
-    register_group_maker(coordinator_group)
 
 
 def _collectives() -> dict[Any, tuple[str, int]]:

@@ -101,7 +101,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     # cache runs without the compiler's own agreement
     for coordinator in (get_tp_group(), get_pp_group()):
         agree_across_ranks(config.to_dict(), "the tp_passes config", group=coordinator.cpu_group)
-    plan = model.__dict__.get(module_tp.PLAN_ATTR) or module_tp.DPPlan()
+    plan = module_tp.plans().get(model) or module_tp.DPPlan()
     entries = plan.entries + module_tp.install(model, plan)
     planned = {id(m) for p in plan.modules for m in p.layer.modules()}
 

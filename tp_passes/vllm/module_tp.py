@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import logging
 import types
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,11 +58,11 @@ from tp_passes import comm
 from tp_passes.config import TPConfig
 from tp_passes.groups.layout import RankLayout
 from tp_passes.groups.registry import NamedGroup, agree_across_ranks, module_tp_group
+from tp_passes.owner import owner
 from tp_passes.patterns.base import weight_bytes
 from tp_passes.patterns.module_tp import excluded, mlp_names, selects
 from tp_passes.report import Entry
 
-PLAN_ATTR = "_tp_passes_dp_plan"  # on the vLLM model: its DPPlan
 GROUP_NAMES = {
     "oproj_tp": "otp",
     "embedding_tp": "embedtp",
@@ -149,33 +150,39 @@ def agree_rows(rows: int, code: int, key: str, group: str, k: int) -> int:
 
 # -- the op ---------------------------------------------------------------------------------
 
-_PLANNED: dict[str, DPModule] = {}  # layer key -> planned layer, filled by `install`
-_OP: list[Any] = []
+def _planned() -> dict[str, DPModule]:
+    """Layer key -> planned layer of the models this process loaded (filled by `install`),
+    held by the package's owner."""
+    return owner().integrations.setdefault("vllm.module_tp", {})
+
+
+def plans() -> weakref.WeakKeyDictionary:
+    """vLLM model -> its DPPlan, made when the model's weights were loaded."""
+    return owner().integrations.setdefault("vllm.plans", weakref.WeakKeyDictionary())
 
 
 def dp_module_op() -> Any:
     """``torch.ops.tp_passes.dp_module(x, key)``, registered on first use. Opaque to Dynamo
     and Inductor (the exchange pads by a row count known only at run time)."""
-    if _OP:
-        return _OP[0]
+    if hasattr(torch.ops.tp_passes, "dp_module"):
+        return torch.ops.tp_passes.dp_module.default
 
     @torch.library.custom_op("tp_passes::dp_module", mutates_args=())
     def dp_module(x: torch.Tensor, key: str) -> torch.Tensor:
-        return _PLANNED[key].forward(x).contiguous()
+        return _planned()[key].forward(x).contiguous()
 
     @dp_module.register_fake
     def _(x: torch.Tensor, key: str) -> torch.Tensor:
-        m = _PLANNED[key]
+        m = _planned()[key]
         lead = x.shape if m.kind == "embedding_tp" else x.shape[:-1]
         return x.new_empty(*lead, m.width, dtype=out_dtype(m, x))
 
-    _OP.append(torch.ops.tp_passes.dp_module.default)
-    return _OP[0]
+    return torch.ops.tp_passes.dp_module.default
 
 
 def call_counts() -> dict[str, dict[str, int]]:
     """Per planned layer of this process: calls, empty calls, padded calls."""
-    return {key: dict(m.calls) for key, m in _PLANNED.items()}
+    return {key: dict(m.calls) for key, m in _planned().items()}
 
 
 # -- planning at load time --------------------------------------------------------------------
@@ -397,7 +404,7 @@ def install(model: nn.Module, p: DPPlan) -> list[Entry]:
     op = dp_module_op()
     entries = []
     for m in p.modules:
-        _PLANNED[m.key] = m
+        _planned()[m.key] = m
         if m.kind == "mlp_tp":
             m.local = _mlp_local(m.layer)
             _route_forward(m.layer, op, m.key)
@@ -486,12 +493,12 @@ def plan_loaded_model(model: nn.Module, vllm_config: Any) -> None:
     """Before vLLM's weight post-processing: plan and shard (see `plan`)."""
     from tp_passes.vllm.config import config_from_vllm
 
-    if PLAN_ATTR in model.__dict__:
+    if model in plans():
         raise RuntimeError(
             "tp_passes: the weights of this model were sharded across DP ranks when it was "
             "loaded; reloading weights into it is not supported (start a new LLM instead)"
         )
-    model.__dict__[PLAN_ATTR] = plan(model, vllm_config, config_from_vllm(vllm_config))
+    plans()[model] = plan(model, vllm_config, config_from_vllm(vllm_config))
 
 
 def after_dummy_run(runner: Any, out: Any) -> None:
@@ -499,7 +506,7 @@ def after_dummy_run(runner: Any, out: Any) -> None:
     when lm_head is sharded, so this rank takes part in the busy ranks' exchange. Every
     rank that runs a dummy forward does this, so profile and warmup runs stay symmetric."""
     model = runner.get_model()
-    p = model.__dict__.get(PLAN_ATTR)
+    p = plans().get(model)
     if p is None or not any(m.kind == "lmhead_tp" for m in p.modules):
         return
     hidden = out[0] if isinstance(out, tuple) else out
