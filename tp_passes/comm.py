@@ -12,6 +12,7 @@ sliced off when gathered.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -202,13 +203,22 @@ def shard_halves(w: torch.Tensor, k: int, j: int) -> torch.Tensor:
     return torch.cat([shard_padded(gate, 0, k, j), shard_padded(up, 0, k, j)])
 
 
-def pad_to_group_max(x: torch.Tensor, group: str, k: int) -> tuple[torch.Tensor, int]:
+def pad_to_group_max(x: torch.Tensor, group: str, k: int, key: str) -> tuple[torch.Tensor, int]:
     """Pad dim 0 to the largest T in the group (one small all_gather); return (x, max T).
 
     Module TP over DP exchanges tokens between ranks that serve different requests, so
     their T may differ; padding instead of assuming equal T is what keeps them from
-    hanging (vllm-ascend #10586).
+    hanging (vllm-ascend #10586). The same all_gather carries the module's `key`: ranks
+    that entered different modules raise together instead of exchanging mismatched rows.
     """
-    sizes = funcol.all_gather_single(torch.tensor([x.shape[0]], dtype=torch.int64), 0, group)
-    t_max = int(sizes.max())
+    mine = torch.tensor([x.shape[0], zlib.crc32(key.encode())], dtype=torch.int64)
+    every = funcol.all_gather_single(mine, 0, group)
+    every = (every.wait() if isinstance(every, funcol.AsyncCollectiveTensor) else every)
+    every = every.reshape(k, 2)
+    if len(set(every[:, 1].tolist())) > 1:
+        raise RuntimeError(
+            f"tp_passes: ranks of a module TP group entered different modules ({key} here; "
+            f"module codes {every[:, 1].tolist()}): the DP ranks are not in lockstep"
+        )
+    t_max = int(every[:, 0].max())
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, t_max - x.shape[0])), t_max

@@ -340,3 +340,17 @@ def test_tppass_skips_shared_weights_with_the_route_to_use(fake_world):
     assert not entry["applied"] and "use backend='tp_passes'" in entry["reason"]
     with pytest.raises(RuntimeError, match="shared_weights at \\?: a shared-weight series"):
         tp_passes.TPPass({"shared_weights": ["o_proj"], "strict": True})(graph())
+
+
+def test_module_tp_wire_bytes_per_token_follow_the_ring_formulas():
+    """The per-token bytes vLLM's load-time plan reports come from the rewrite classes."""
+    from tp_passes.patterns import EmbeddingTP, LMHeadTP, MLPTP, OProjTP
+
+    # o_proj [H=128, A=256], k=2: all_to_all of x (1/2 * 256 * 4) + RS of 2 rows (1/2 * 2 * 128 * 4)
+    assert OProjTP().wire_per_token(2, 256, 128, 4) == 512 + 512
+    # embedding width 128: ids all_gather (8) + RS of 2 rows
+    assert EmbeddingTP().wire_per_token(2, 128, 128, 4) == 8 + 512
+    # lm_head [V=512, H=128], k=4: all_gather h (3 * 128 * 4) + all_to_all (3/4 * 512 * 4)
+    assert LMHeadTP().wire_per_token(4, 128, 512, 4) == 1536 + 1536
+    # MLP H=128, k=2, bf16: all_gather x (1 * 128 * 2) + RS of 2 rows (1/2 * 2 * 128 * 2)
+    assert MLPTP().wire_per_token(2, 128, 128, 2) == 256 + 256

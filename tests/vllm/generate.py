@@ -72,7 +72,7 @@ def main() -> None:
     )
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
     if dp:
-        from tp_passes.vllm.module_tp import call_counts
+        from tp_passes.vllm.dp_op import call_counts
 
         result["calls"] = call_counts()
     result["seconds"] = time.time() - t0

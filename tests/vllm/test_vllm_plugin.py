@@ -179,7 +179,7 @@ def _dp_config(dp: int, backend: str | None, moe: bool = False):
 
 
 def test_lockstep_is_required_for_module_tp_across_dp():
-    from tp_passes.vllm.module_tp import lockstep_reason
+    from tp_passes.vllm.config import lockstep_reason
 
     assert lockstep_reason(_dp_config(2, "external_launcher")) == ""
     assert lockstep_reason(_dp_config(4, "mp", moe=True)) == ""  # MoE DP engines step together
@@ -216,20 +216,6 @@ def test_module_tp_refused_from_the_config_alone(vllm_cfg, config, reason):
     assert torch.equal(model.weight, before)
     with pytest.raises(RuntimeError, match=reason):
         plan(model, vllm_cfg, dataclasses.replace(config, strict=True))
-
-
-def test_wire_bytes_per_token_follow_the_ring_formulas():
-    import torch
-
-    from tp_passes.vllm.module_tp import _wire_per_token
-
-    f32 = torch.float32
-    # o_proj [H=128, A=256], k=2: all_to_all of x (1/2 * 256 * 4) + RS of 2 rows (1/2 * 2 * 128 * 4)
-    assert _wire_per_token("oproj_tp", 2, 256, 128, f32) == 512 + 512
-    # embedding width 128: ids all_gather (8) + RS of 2 rows
-    assert _wire_per_token("embedding_tp", 2, 128, 128, f32) == 8 + 512
-    # lm_head [V=512, H=128], k=4: all_gather h (3 * 128 * 4) + all_to_all (3/4 * 512 * 4)
-    assert _wire_per_token("lmhead_tp", 4, 128, 512, f32) == 1536 + 1536
 
 
 def _on_platform(monkeypatch, route: str) -> None:

@@ -70,6 +70,32 @@ def mlp_names(module: Any) -> tuple[str, ...] | None:
     return None
 
 
+def tie_reasons(
+    model: nn.Module, selected: list[tuple[str, str, nn.Module]], config: Any
+) -> dict[str, str]:
+    """Path -> why a selected single-weight module (`selected`: (family, path, module))
+    cannot be sharded because its weight Parameter is shared: by a module not selected
+    with it, or by modules selected with different module TP sizes (a tied embedding and
+    lm_head share one shard, so both must be selected with one size)."""
+    users: dict[int, list[str]] = {}
+    for path, m in model.named_modules():
+        if isinstance(w := getattr(m, "weight", None), torch.Tensor):
+            users.setdefault(id(w), []).append(path)
+    sharing: dict[int, list[tuple[str, str]]] = {}
+    for kind, path, m in selected:
+        sharing.setdefault(id(m.weight), []).append((kind, path))
+    out = {}
+    for _, path, m in selected:
+        mine = sharing[id(m.weight)]
+        others = sorted(set(users[id(m.weight)]) - {p for _, p in mine})
+        if len({getattr(config, k) for k, _ in mine}) > 1:
+            sizes = ", ".join(f"{k}={getattr(config, k)} ({p})" for k, p in mine)
+            out[path] = f"tied weight shared by layers with different module TP sizes: {sizes}"
+        elif others:
+            out[path] = f"weight is tied to {', '.join(others)}, which is not selected with it"
+    return out
+
+
 MLP_REGION_OPS = {
     aten.split.Tensor,
     aten.split_with_sizes.default,
@@ -176,14 +202,35 @@ class ModuleTP(Rewrite):
         """Matches among the weights `by_path`; `reduced`: matmuls feeding a TP all-reduce."""
         raise NotImplementedError
 
-    def shard_specs(self, m: ModuleMatch) -> list[tuple[str, int]]:
-        """(WeightSpec kind, dim) of each weight of a match, in replacement order."""
+    def shard_specs(self, n_weights: int) -> list[tuple[str, int]]:
+        """(WeightSpec kind, dim) of each of a module's `n_weights` weights, in
+        replacement order. The graph path, the eager path and vLLM's load-time plan all
+        shard through these specs (`weights.derive`)."""
         raise NotImplementedError
 
     def forward(self, m: ModuleMatch, g: str, k: int, j: int, rows: int) -> Any:
         """The `comm` function replacing `m`: (x, *shards[, bias]) -> output. `rows` is the
         first dim of the full first weight (the vocab, for lm_head)."""
         raise NotImplementedError
+
+    def exchange(
+        self, x: torch.Tensor, g: str, k: int, j: int, width: int, local: Any, w_j: Any
+    ) -> torch.Tensor:
+        """The same exchange around a framework's own kernel `local` on this rank's shard
+        (vLLM's quant method on its processed weight): `x` [rows, in] (ids for the
+        embedding), `width` the output features of the whole module, `w_j` the shard."""
+        raise NotImplementedError
+
+    def wire_per_token(self, k: int, cols: int, width: int, item: int) -> int:
+        """Bytes a rank sends per token of its batch (the ring formulas of `tp_passes.wire`):
+        `cols` input features (the embedding: its width), `width` output features, `item`
+        bytes per element."""
+        raise NotImplementedError
+
+    def refuses(self, has_bias: bool) -> str:
+        """Why a module of this family cannot be sharded from what every rank agrees on
+        ("" when it can)."""
+        return self.bias_reason if has_bias else ""
 
     def _linear(
         self,
@@ -219,8 +266,8 @@ class ModuleTP(Rewrite):
         layout, k = cx.layout, m.size
         if m.reason:
             pass
-        elif any(facts) and self.bias_reason:
-            m.reason = self.bias_reason
+        elif self.refuses(any(facts)):
+            m.reason = self.refuses(True)
         elif layout is None:
             m.reason = f"no rank layout for module TP: {cx.layout_reason}"
         elif layout.dp % k:
@@ -240,7 +287,7 @@ class ModuleTP(Rewrite):
         m.group = module_tp_group(self.group, m.size, cx.layout)
         m.derived = [
             cx.derive(cx.name(w), weights.WeightSpec(kind, dim, m.group.pg), w, w)
-            for w, (kind, dim) in zip(m.weights, self.shard_specs(m))
+            for w, (kind, dim) in zip(m.weights, self.shard_specs(len(m.weights)))
         ]
 
     def replace(self, m: ModuleMatch, cx: GraphContext) -> None:
@@ -274,7 +321,7 @@ class OProjTP(ModuleTP):
     def matches(self, by_path, config, reduced):
         return self._linear(by_path, config, reduced, "o_proj")
 
-    def shard_specs(self, m):
+    def shard_specs(self, n_weights):
         return [("shard", 1)]  # input columns
 
     def forward(self, m, g, k, j, rows):
@@ -283,6 +330,13 @@ class OProjTP(ModuleTP):
             return y if b is None else y + b
 
         return oproj
+
+    def exchange(self, x, g, k, j, width, local, w_j):
+        return comm.oproj_dp(x, None, g, k, mm=local)
+
+    def wire_per_token(self, k, cols, width, item):
+        # all_to_all of x, reduce_scatter of the k*T partial rows
+        return round((k - 1) / k * (cols + k * width) * item)
 
 
 class EmbeddingTP(ModuleTP):
@@ -304,7 +358,7 @@ class EmbeddingTP(ModuleTP):
                     )
         return out
 
-    def shard_specs(self, m):
+    def shard_specs(self, n_weights):
         return [("shard", 0)]  # vocab rows
 
     def forward(self, m, g, k, j, rows):
@@ -312,6 +366,13 @@ class EmbeddingTP(ModuleTP):
             return comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)
 
         return embedding
+
+    def exchange(self, x, g, k, j, width, local, w_j):
+        return comm.embedding_dp(x, w_j, j, g, k, lookup=local)
+
+    def wire_per_token(self, k, cols, width, item):
+        # all_gather of int64 ids, reduce_scatter of the k*T looked-up rows
+        return round((k - 1) * 8 + (k - 1) / k * k * width * item)
 
 
 class LMHeadTP(ModuleTP):
@@ -322,7 +383,7 @@ class LMHeadTP(ModuleTP):
         # a tied lm_head reads the embedding's weight: selected through the embedding's name
         return self._linear(by_path, config, reduced, "lm_head", tied=True)
 
-    def shard_specs(self, m):
+    def shard_specs(self, n_weights):
         return [("shard", 0)]  # vocab rows
 
     def forward(self, m, g, k, j, rows):
@@ -330,6 +391,13 @@ class LMHeadTP(ModuleTP):
             return comm.lmhead_dp(h, w, g, k, rows)
 
         return lmhead
+
+    def exchange(self, x, g, k, j, width, local, w_j):
+        return comm.lmhead_dp(x, None, g, k, width, mm=local)
+
+    def wire_per_token(self, k, cols, width, item):
+        # all_gather of h, all_to_all of the k*T logit slices
+        return round((k - 1) * cols * item + (k - 1) / k * width * item)
 
 
 class MLPTP(ModuleTP):
@@ -361,10 +429,17 @@ class MLPTP(ModuleTP):
                     out += [m] if m is not None else []
         return out
 
-    def shard_specs(self, m):
-        if len(m.weights) == 2:  # merged gate_up (each half sharded), down by columns
+    def shard_specs(self, n_weights):
+        if n_weights == 2:  # merged gate_up (each half sharded), down by columns
             return [("shard_halves", 0), ("shard", 1)]
         return [("shard", 0), ("shard", 0), ("shard", 1)]
+
+    def exchange(self, x, g, k, j, width, local, w_j):
+        return comm.mlp_dp(x, None, None, None, g, k, local=local)
+
+    def wire_per_token(self, k, cols, width, item):
+        # all_gather of x, reduce_scatter of the k*T partial rows
+        return round((k - 1) * cols * item + (k - 1) / k * k * width * item)
 
     def forward(self, m, g, k, j, rows):
         if len(m.weights) == 2:  # merged gate_up, sharded half by half
@@ -553,7 +628,7 @@ def _splice_into_module(c: ModuleCandidate) -> None:
         params = [module.get_parameter(n) for n in c.all_leaves]
         shards = [module.get_parameter(n) for n in c.leaves]
         flat = x.reshape(-1, 1) if embedding else x.reshape(-1, x.shape[-1])
-        padded, t_max = comm.pad_to_group_max(flat, g, k)  # ranks may bring different T
+        padded, t_max = comm.pad_to_group_max(flat, g, k, c.path)  # ranks' T may differ
         if t_max < 2:  # the graph was traced for a symbolic T >= 2 (torch specializes 0, 1)
             padded = torch.nn.functional.pad(padded, (0, 0, 0, 2 - padded.shape[0]))
         y = gm(*params, padded.reshape(-1) if embedding else padded, *shards)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tp_passes.config import MODULE_NAME_KEYS, Host, TPConfig
+from tp_passes.groups.layout import RankLayout
 from tp_passes.owner import owner
 
 BACKEND = "tp_passes"
@@ -228,3 +229,34 @@ def use_backend(vllm_config: Any, *, cpu: bool) -> None:
             "(the rewritten graph holds rank-specific weights and groups); unset it"
         )
     os.environ["VLLM_USE_AOT_COMPILE"] = "0"  # inherited by the engine and worker processes
+
+
+def lockstep_reason(vllm_config: Any) -> str:
+    """Why DP ranks of this vLLM config may not step together ("" when they do)."""
+    pc = vllm_config.parallel_config
+    if pc.data_parallel_size < 2:
+        return f"needs data_parallel_size >= 2 (got {pc.data_parallel_size})"
+    if pc.distributed_executor_backend == "external_launcher":
+        return ""
+    if getattr(vllm_config.model_config, "is_moe", False):
+        return ""  # vLLM runs MoE models' DP engines in lockstep (dummy batches when idle)
+    return (
+        "the DP engines of a dense model step independently in this vLLM setup "
+        f"(distributed_executor_backend={pc.distributed_executor_backend!r}); a collective "
+        "across DP ranks could hang. Start vLLM with torchrun and "
+        'distributed_executor_backend="external_launcher" to run DP ranks in lockstep'
+    )
+
+
+def layout_of(vllm_config: Any) -> RankLayout:
+    """vLLM's grid of this run: world = ExternalDP x DP x PP x PCP x TP."""
+    import torch.distributed as dist
+
+    pc = vllm_config.parallel_config
+    return RankLayout(
+        dist.get_world_size(),
+        tp=pc.tensor_parallel_size,
+        dp=pc.data_parallel_size,
+        pp=pc.pipeline_parallel_size,
+        pcp=getattr(pc, "prefill_context_parallel_size", 1),
+    )

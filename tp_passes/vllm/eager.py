@@ -25,6 +25,7 @@ from tp_passes.eager import RowParallel, parallelize
 from tp_passes.groups.registry import agree_across_ranks
 from tp_passes.report import Dumper, Entry, GraphReport, next_graph_id, rank, record
 from tp_passes.vllm.config import config_from_vllm
+from tp_passes.vllm.dp_op import install
 from tp_passes.vllm.passes import installed_pass
 
 
@@ -102,7 +103,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     for coordinator in (get_tp_group(), get_pp_group()):
         agree_across_ranks(config.to_dict(), "the tp_passes config", group=coordinator.cpu_group)
     plan = module_tp.plans().get(model) or module_tp.DPPlan()
-    entries = plan.entries + module_tp.install(model, plan)
+    entries = plan.entries + install(plan.modules)
     planned = {id(m) for p in plan.modules for m in p.layer.modules()}
 
     def recognize(m: nn.Module) -> RowParallel | None:
@@ -122,7 +123,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
             "the eager rewrite plan (config or vLLM layers)",
             group=get_tp_group().cpu_group,
         )
-        eager_config = dataclasses.replace(config, **{k: 0 for k in module_tp.KINDS})
+        eager_config = dataclasses.replace(config, **{k: 0 for k in module_tp.FAMILIES})
         entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=recognize)]
     if entries:
         report = GraphReport(next_graph_id(), rank(), entries, config=config.to_dict())

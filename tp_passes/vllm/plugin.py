@@ -3,7 +3,7 @@
 vLLM calls `register()` in every process it starts (engine, workers), possibly more than
 once. It registers vLLM's all-reduce dialects and its config source with the core
 (`tp_passes.fx.register_dialect`, `tp_passes.config.register_host`,
-`tp_passes.groups.registry.register_group_maker`) and installs
+`tp_passes.groups.registry.fx.Dialect.make_group`) and installs
 two hooks, each at most once per process:
 
 1. Config: wraps the current platform's `apply_config_platform_defaults` (vLLM's hook for
