@@ -7,6 +7,9 @@ Tests are grouped by what they need: `unit/` (one process, fake process group, s
 from __future__ import annotations
 
 import functools
+import subprocess
+import tempfile
+import time
 
 import pytest
 import torch.distributed as dist
@@ -61,3 +64,32 @@ def save_tiny_llama(path, *, layers: int = 2, tied: bool = False):
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+def run_commands(
+    commands: dict[str, tuple[list[str], dict[str, str]]], width: int = 2, timeout: float = 400
+) -> dict[str, tuple[int, str]]:
+    """Run independent commands (argv, env) `width` at a time; name -> (exit code, output).
+
+    A vLLM run keeps about 1.4 of 2 cores busy (start-up is mostly one process importing
+    and loading), so two at a time finish the set sooner than one after another. A command
+    that outlives `timeout` is killed and reported with exit code -9.
+    """
+    pending, running, done = list(commands.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < width:
+            name, (argv, env) = pending.pop(0)
+            log = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            running[name] = (proc, log, time.monotonic())
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is None and time.monotonic() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+            if proc.poll() is not None:
+                log.seek(0)
+                done[name] = (proc.returncode, log.read())
+                log.close()
+                del running[name]
+        time.sleep(0.2)
+    return done

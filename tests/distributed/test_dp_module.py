@@ -14,7 +14,8 @@ from tp_passes import comm
 from tp_passes.groups.registry import NamedGroup
 from tp_passes.testing import run_ranks
 from tp_passes.testing.ranks import RankFailure
-from tp_passes.vllm.module_tp import DPModule
+from tp_passes.vllm.dp_op import DPModule
+from tp_passes.vllm.module_tp import FAMILIES
 
 H, A, V, INTER = 24, 40, 37, 18  # V and INTER not divisible by 4, A by 3
 
@@ -28,7 +29,7 @@ def _layer(kind: str, rank: int, world: int, dtype: torch.dtype):
         gate_up = torch.randn(2 * INTER, H, generator=w).to(dtype) / 4
         down = torch.randn(H, INTER, generator=w).to(dtype) / 4
         gu_j, d_j = comm.shard_halves(gate_up, k, j), comm.shard_padded(down, 1, k, j)
-        m = DPModule(kind, "mlp", SimpleNamespace(weight=d_j), g, k, j, H, dtype)
+        m = DPModule(FAMILIES[kind], "mlp", SimpleNamespace(), g, H, dtype)
 
         def gated(x, gu, d):
             a, b = (x @ gu.T).chunk(2, dim=-1)
@@ -40,7 +41,7 @@ def _layer(kind: str, rank: int, world: int, dtype: torch.dtype):
     full = torch.randn(rows, cols, generator=w).to(dtype) / 4
     shard = comm.shard_padded(full, 1 if kind == "oproj_tp" else 0, k, j)
     width = cols if kind == "embedding_tp" else rows
-    m = DPModule(kind, kind, SimpleNamespace(weight=shard), g, k, j, width, dtype)
+    m = DPModule(FAMILIES[kind], kind, SimpleNamespace(weight=shard), g, width, dtype)
     if kind == "embedding_tp":
         m.local = lambda ids: F.embedding(ids, shard)
         return m, lambda ids: F.embedding(ids, full), "ids"
@@ -86,5 +87,5 @@ def _different_layers(rank, world):
 
 
 def test_ranks_in_different_layers_raise_instead_of_exchanging():
-    with pytest.raises(RankFailure, match="entered different layers"):
+    with pytest.raises(RankFailure, match="entered different modules"):
         run_ranks(_different_layers, 2, timeout=60)

@@ -33,7 +33,7 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
     ids = torch.randint(0, V, (T,), generator=mine)
 
     def padded(fn, inp):  # uneven T: pad to the group max, compute, keep my rows
-        xp, _ = comm.pad_to_group_max(inp, name, k)
+        xp, _ = comm.pad_to_group_max(inp, name, k, "layer")
         return fn(xp)[:T]
 
     gate, up = W_gu.chunk(2)

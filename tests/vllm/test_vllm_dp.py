@@ -11,7 +11,6 @@ every layer sharded with its weight bytes halved.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
 
-from conftest import save_tiny_llama  # noqa: E402
+from conftest import run_commands, save_tiny_llama  # noqa: E402
 
 from tp_passes.testing.ranks import free_port  # noqa: E402
 
@@ -38,30 +37,21 @@ ASCEND_KEYS = {
 ALL_FOUR = {"tp_passes": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2, "mlp_tp": 2}}
 
 
-def _torchrun(model: Path, tmp: Path, name: str, *flags: str) -> dict:
-    dump = tmp / f"dump_{name}"
+def _command(model: Path, tmp: Path, name: str, port: int, *flags: str) -> tuple:
     env = {
         **os.environ,
         "TP_PASSES_DUMP": "1",
-        "TP_PASSES_DUMP_DIR": str(dump),
-        "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),
+        "TP_PASSES_DUMP_DIR": str(tmp / f"dump_{name}"),
+        "VLLM_CACHE_ROOT": str(tmp / f"vllm_cache_{name}"),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        str(SCRIPT),
-        str(model),
-        str(tmp / name),
-        "--data-parallel",
-        *flags,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    argv += ["--master-port", str(port), str(SCRIPT), str(model), str(tmp / name)]
+    return [*argv, "--data-parallel", *flags], env
+
+
+def _result(tmp: Path, name: str, code: int, output: str) -> dict:
+    assert code == 0, output[-9000:]
+    dump = tmp / f"dump_{name}"
     ranks = {r: json.loads((tmp / f"{name}.rank{r}.json").read_text()) for r in (0, 1)}
     reports = {
         r: [json.loads(p.read_text()) for p in sorted(dump.glob(f"rank{r}/graph*/report.json"))]
@@ -76,16 +66,20 @@ def runs(tmp_path_factory) -> dict:
     untied = save_tiny_llama(tmp / "llama", layers=LAYERS)
     tied = save_tiny_llama(tmp / "llama_tied", layers=LAYERS, tied=True)
     tp = ("--backend", "tp_passes", "--additional")
-    return {
-        "default": _torchrun(untied, tmp, "default"),
-        "default_eager": _torchrun(untied, tmp, "default_eager", "--eager"),
-        "tp_passes": _torchrun(untied, tmp, "tp_passes", *tp, json.dumps(THREE)),
-        "tp_passes_eager": _torchrun(
-            untied, tmp, "tp_passes_eager", "--eager", *tp, json.dumps(ASCEND_KEYS)
-        ),
-        "tied_default": _torchrun(tied, tmp, "tied_default"),
-        "tied_tp_passes": _torchrun(tied, tmp, "tied_tp_passes", *tp, json.dumps(ALL_FOUR)),
+    runs = {
+        "default": (untied,),
+        "default_eager": (untied, "--eager"),
+        "tp_passes": (untied, *tp, json.dumps(THREE)),
+        "tp_passes_eager": (untied, "--eager", *tp, json.dumps(ASCEND_KEYS)),
+        "tied_default": (tied,),
+        "tied_tp_passes": (tied, *tp, json.dumps(ALL_FOUR)),
     }
+    commands = {  # one master port per run: two run at a time
+        name: _command(model, tmp, name, free_port(), *flags)
+        for name, (model, *flags) in runs.items()
+    }
+    done = run_commands(commands)
+    return {name: _result(tmp, name, *done[name]) for name in commands}
 
 
 SHARDED = ["tp_passes", "tp_passes_eager", "tied_tp_passes"]

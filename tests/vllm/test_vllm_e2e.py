@@ -10,7 +10,6 @@ engine and workers); the reports come from TP_PASSES_DUMP's report.json per rank
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
 
-from conftest import save_tiny_llama, vllm_cpu_has_shm_all_reduce  # noqa: E402
+from conftest import run_commands, save_tiny_llama, vllm_cpu_has_shm_all_reduce  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -31,24 +30,21 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), layers=LAYERS)
 
 
-def _generate(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = None) -> dict:
-    out, dump = tmp / f"{name}.json", tmp / f"dump_{name}"
+def _command(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = None) -> tuple:
     env = {
         **os.environ,
         "TP_PASSES_DUMP": "1",
-        "TP_PASSES_DUMP_DIR": str(dump),
-        "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),
+        "TP_PASSES_DUMP_DIR": str(tmp / f"dump_{name}"),
+        "VLLM_CACHE_ROOT": str(tmp / f"vllm_cache_{name}"),
         **(env or {}),
     }
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(model), str(out), *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(out.read_text())
+    return [sys.executable, str(SCRIPT), str(model), str(tmp / f"{name}.json"), *flags], env
+
+
+def _result(tmp: Path, name: str, code: int, output: str) -> dict:
+    assert code == 0, output[-9000:]
+    result = json.loads((tmp / f"{name}.json").read_text())
+    dump = tmp / f"dump_{name}"
     result["reports"] = {
         p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
         for p in sorted(dump.glob("rank*/graph*/report.json"))
@@ -63,37 +59,25 @@ FC2 = json.dumps({"tp_passes": {"flashcomm2": 1, "sequence_parallel": True}})
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_runs")
-    return {
-        "default": _generate(tiny_llama, tmp, "default"),
-        "default_eager": _generate(tiny_llama, tmp, "default_eager", "--eager"),
-        "tp_passes": _generate(tiny_llama, tmp, "tp_passes", "--backend", "tp_passes"),
-        "tp_passes_eager": _generate(
-            tiny_llama, tmp, "tp_passes_eager", "--backend", "tp_passes", "--eager"
-        ),
+    tp = ("--backend", "tp_passes")
+    commands = {
+        "default": _command(tiny_llama, tmp, "default"),
+        "default_eager": _command(tiny_llama, tmp, "default_eager", "--eager"),
+        "tp_passes": _command(tiny_llama, tmp, "tp_passes", *tp),
+        "tp_passes_eager": _command(tiny_llama, tmp, "tp_passes_eager", *tp, "--eager"),
         # configured through additional_config and an env var: FlashComm2 cannot reshard
         # the CPU prepacked o_proj weight and must be skipped with that reason; sequence
         # parallelism is forced on (the cost model keeps vLLM's all-reduce on CPU)
-        "configured": _generate(
-            tiny_llama,
-            tmp,
-            "configured",
-            "--backend",
-            "tp_passes",
-            "--additional",
-            FC2,
+        "configured": _command(
+            tiny_llama, tmp, "configured", *tp, "--additional", FC2,
             env={"TP_PASSES_INNER": "eager"},
         ),
-        "configured_eager": _generate(
-            tiny_llama,
-            tmp,
-            "configured_eager",
-            "--backend",
-            "tp_passes",
-            "--eager",
-            "--additional",
-            FC2,
+        "configured_eager": _command(
+            tiny_llama, tmp, "configured_eager", *tp, "--eager", "--additional", FC2
         ),
     }
+    done = run_commands(commands)
+    return {name: _result(tmp, name, *done[name]) for name in commands}
 
 
 def _applied_per_layer(report: dict) -> dict[int, list[str]]:

@@ -67,7 +67,8 @@ class DPModule:
         if t_max == 0:  # every rank empty: no exchange (same decision on every rank)
             return x.new_zeros(*lead, self.width, dtype=self.out_dtype(x))
         j = self.group.ranks.index(torch.distributed.get_rank())
-        y = self.rewrite.exchange(padded, g, k, j, self.width, self.local, self.layer.weight)
+        w_j = getattr(self.layer, "weight", None)  # an MLP has its weights on its children
+        y = self.rewrite.exchange(padded, g, k, j, self.width, self.local, w_j)
         y = (y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y)[:rows]
         return y.reshape(*lead, y.shape[-1])
 
