@@ -1,8 +1,8 @@
 """Run a function on N real gloo ranks in spawned CPU processes, with a deadline.
 
 Used by the tests, the demo and the benchmarks. Processes come from a forkserver that
-has imported torch once, so a rank starts in a fraction of a second instead of paying
-the torch import each time. A rank that raises fails the whole run with its traceback;
+has imported torch, Dynamo and Inductor once, so a rank starts in a fraction of a second
+instead of paying those imports each time. A rank that raises fails the whole run with its traceback;
 a run that outlives `timeout` is killed and reported as a hang, never waited on forever.
 """
 
@@ -88,7 +88,11 @@ def run_ranks(
     gloo's own timeout per collective, so a rank stuck in one raises instead of waiting.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "tp_passes"])
+    # imported once by the forkserver, not by every rank: Dynamo and Inductor take about
+    # 2.7 s of CPU per process to import, and a test run starts hundreds of ranks
+    ctx.set_forkserver_preload(
+        ["torch", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx", "tp_passes"]
+    )
     results = ctx.SimpleQueue()
     port = free_port()
     procs = [
