@@ -354,3 +354,27 @@ def test_module_tp_wire_bytes_per_token_follow_the_ring_formulas():
     assert LMHeadTP().wire_per_token(4, 128, 512, 4) == 1536 + 1536
     # MLP H=128, k=2, bf16: all_gather x (1 * 128 * 2) + RS of 2 rows (1/2 * 2 * 128 * 2)
     assert MLPTP().wire_per_token(2, 128, 128, 2) == 256 + 256
+
+
+def test_the_owner_holds_derived_weights_and_nothing_is_set_on_the_parameters(fake_world):
+    """What a compile leaves behind is the owner's, keyed weakly by the tensors: the
+    parameters carry no attribute of ours, and the cache goes when its tensor goes."""
+    import gc
+    import weakref
+
+    from tp_passes.weights import derived_values
+
+    inputs = _dp_inputs()
+    before, cached = [dict(vars(t)) for t in inputs], len(owner().derived)
+    gm = _trace(_dp_model, *inputs)
+    done = rewrite_graph(gm, TPConfig(oproj_tp=2), inputs, DP_NAMES)
+    assert len(owner().derived) == cached + 1
+    w_o = inputs[DP_NAMES.index("layers.0.self_attn.o_proj.weight")]
+    (shard,) = derived_values(w_o)
+    assert shard.shape[1] * 2 == w_o.shape[1]  # the cache holds this rank's column shard
+    assert [dict(vars(t)) for t in inputs] == before
+    gone = weakref.ref(w_o)
+    del w_o, inputs, gm, done, shard
+    gc.collect()
+    assert gone() is None  # the owner does not keep the model's tensors alive
+    assert len(owner().derived) == cached
