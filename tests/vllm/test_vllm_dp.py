@@ -42,7 +42,7 @@ def _command(model: Path, tmp: Path, name: str, port: int, *flags: str) -> tuple
         **os.environ,
         "TP_PASSES_DUMP": "1",
         "TP_PASSES_DUMP_DIR": str(tmp / f"dump_{name}"),
-        "VLLM_CACHE_ROOT": str(tmp / f"vllm_cache_{name}"),
+        "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),  # shared: later runs reuse kernels
     }
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     argv += ["--master-port", str(port), str(SCRIPT), str(model), str(tmp / name)]

@@ -35,7 +35,7 @@ def _command(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = 
         **os.environ,
         "TP_PASSES_DUMP": "1",
         "TP_PASSES_DUMP_DIR": str(tmp / f"dump_{name}"),
-        "VLLM_CACHE_ROOT": str(tmp / f"vllm_cache_{name}"),
+        "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),  # shared: later runs reuse kernels
         **(env or {}),
     }
     return [sys.executable, str(SCRIPT), str(model), str(tmp / f"{name}.json"), *flags], env
