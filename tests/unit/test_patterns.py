@@ -378,3 +378,17 @@ def test_the_owner_holds_derived_weights_and_nothing_is_set_on_the_parameters(fa
     gc.collect()
     assert gone() is None  # the owner does not keep the model's tensors alive
     assert len(owner().derived) == cached
+
+
+def test_owner_close_frees_groups_reports_and_derived_weights(fake_world):
+    import tp_passes
+    from tp_passes.groups.layout import RankLayout
+    from tp_passes.report import GraphReport, all_reports, record
+    from tp_passes.weights import BoundWeights
+
+    tp_passes.init_groups(TPConfig(), RankLayout(fake_world, tp=fake_world))
+    record(GraphReport(0, 0, []))
+    bound = BoundWeights([])
+    owner().close()
+    assert owner().explicit is None and not owner().created and all_reports() == []
+    assert bound.dropped and owner().graphs == []
