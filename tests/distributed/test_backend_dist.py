@@ -7,7 +7,7 @@ import torch.distributed as dist
 from tp_passes.backend import tp_passes_backend
 from tp_passes.testing.models import ModelConfig, RefLlama
 from tp_passes.report import all_reports, last_report
-from tp_passes.testing import RankFailure, run_ranks
+from tp_passes.testing import RankFailure, cases, run_ranks
 
 LAYERS = 2
 REWRITES = {
@@ -47,24 +47,18 @@ def expected_counts(name: str, world: int) -> dict:
 
 def _cases(rank, world, names, dtypes, shapes, model_kwargs, inner, backend=tp_passes_backend):
     out = []
-    for name in names:
-        for dtype in dtypes:
-            for shape in shapes:
-                torch._dynamo.reset()
-                model = RefLlama(ModelConfig(layers=LAYERS, **model_kwargs), dist.group.WORLD).to(
-                    dtype
-                )
-                ids = torch.randint(
-                    0, 96, shape, generator=torch.Generator().manual_seed(sum(shape))
-                )
-                opts = dict(REWRITES[name], inner=inner, strict=True)
-                with torch.no_grad():
-                    ref = model(ids)
-                    got = torch.compile(model, backend=backend, options=opts)(ids)
-                rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                rep = all_reports()[-1]
-                applied = sorted({e["rewrite"] for e in last_report() if e["applied"]})
-                out.append((name, str(dtype), shape, rel, rep.collectives, applied))
+    for name, dtype, shape in cases(names, dtypes, shapes):  # TPP_SOAK=1: every combination
+        torch._dynamo.reset()
+        model = RefLlama(ModelConfig(layers=LAYERS, **model_kwargs), dist.group.WORLD).to(dtype)
+        ids = torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        opts = dict(REWRITES[name], inner=inner, strict=True)
+        with torch.no_grad():
+            ref = model(ids)
+            got = torch.compile(model, backend=backend, options=opts)(ids)
+        rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        rep = all_reports()[-1]
+        applied = sorted({e["rewrite"] for e in last_report() if e["applied"]})
+        out.append((name, str(dtype), shape, rel, rep.collectives, applied))
     return out
 
 
@@ -85,19 +79,16 @@ def check(results, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_each_rewrite_matches_original(world):
     names = ["sp", "sp_unfused", "fused_only", "fc2", "fc2_sp"] + (["fc2_m2"] if world == 4 else [])
-    res = run_ranks(
-        _cases,
-        world,
-        names,
-        [torch.float32, torch.bfloat16],
-        [(1,), (7,), (64,)],
-        {},
-        "eager",
-        timeout=240,
-    )
+    dtypes, shapes = [torch.float32, torch.bfloat16], [(1,), (7,), (64,)]
+    res = run_ranks(_cases, world, names, dtypes, shapes, {}, "eager", timeout=240)
     check(res, world)
+    ran = [r[:3] for r in res[0]]  # (rewrite, dtype, shape) of every case that ran
+    axes = [set(names), {str(d) for d in dtypes}, set(shapes)]
+    assert [{r[i] for r in ran} for i in range(3)] == axes, ran
+    for i, j in ((0, 1), (0, 2), (1, 2)):  # every pair of values of any two axes
+        assert len({(r[i], r[j]) for r in ran}) == len(axes[i]) * len(axes[j]), (i, j, ran)
     assert {"sequence_parallel", "mm_reduce_scatter"} <= set(res[0][0][5])
-    assert "flashcomm2" in res[0][len(names) * 6 - 1][5] or world == 2
+    assert "flashcomm2" in res[0][-1][5] or world == 2
 
 
 @pytest.mark.parametrize("world", [2, 4])
