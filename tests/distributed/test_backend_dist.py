@@ -1,5 +1,7 @@
 """Differential tests of the backend on real gloo ranks: original vs rewritten, every rank."""
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -204,20 +206,30 @@ def _eager_vs_graph(rank, world, opts, shape, dtype):
     )
 
 
-@pytest.mark.parametrize(
-    "world, opts",
-    [
-        (2, {}),
-        (4, {}),
-        (2, {"flashcomm2": 1}),
-        (4, {"flashcomm2": 1}),
-        (4, {"flashcomm2": 2}),
-    ],
-)
-def test_eager_twin_matches_original_and_graph(world, opts):
-    cases = [(s, d) for s in [(1,), (7,), (64,), (2, 5)] for d in (torch.float32, torch.bfloat16)]
-    for per_rank in run_ranks(_eager_twin_cases, world, opts, cases, timeout=300):
-        for (shape, dtype), (eager_vs_ref, eager_vs_graph, entries) in zip(cases, per_rank):
+TWIN_OPTS = {2: [{}, {"flashcomm2": 1}], 4: [{}, {"flashcomm2": 1}, {"flashcomm2": 2}]}
+
+
+def _eager_twin_cases(rank, world, matrix):
+    return [_eager_vs_graph(rank, world, TWIN_OPTS[world][i], s, d) for i, d, s in matrix]
+
+
+@functools.cache
+def _eager_twins(world: int) -> dict[int, list[tuple]]:
+    """One spawn per world: options index -> [(dtype, shape, per-rank result)]."""
+    matrix = cases(range(len(TWIN_OPTS[world])), [torch.float32, torch.bfloat16],
+                   [(1,), (7,), (64,), (2, 5)])
+    per_rank = run_ranks(_eager_twin_cases, world, matrix, timeout=600)
+    out: dict[int, list[tuple]] = {}
+    for n, (i, dtype, shape) in enumerate(matrix):
+        out.setdefault(i, []).append((dtype, shape, [r[n] for r in per_rank]))
+    return out
+
+
+@pytest.mark.parametrize("world, i", [(w, i) for w, o in TWIN_OPTS.items() for i in range(len(o))])
+def test_eager_twin_matches_original_and_graph(world, i):
+    opts = TWIN_OPTS[world][i]
+    for dtype, shape, ranks in _eager_twins(world)[i]:
+        for eager_vs_ref, eager_vs_graph, entries in ranks:
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             assert eager_vs_ref <= tol and eager_vs_graph <= tol, (
                 shape,
@@ -228,10 +240,6 @@ def test_eager_twin_matches_original_and_graph(world, opts):
             kinds = {k for k, ok in entries if ok}
             assert ("flashcomm2" in kinds) == bool(opts), entries
             assert len(entries) == 2 * LAYERS
-
-
-def _eager_twin_cases(rank, world, opts, cases):
-    return [_eager_vs_graph(rank, world, opts, shape, dtype) for shape, dtype in cases]
 
 
 def test_torchair_inner_without_torchair_is_a_clear_error():
