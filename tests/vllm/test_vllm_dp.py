@@ -6,8 +6,7 @@ rank 1 three longer ones, so rank 0 runs dummy batches while rank 1 decodes. Wit
 embedding and o_proj sharded at k = 2 (compiled, and enforce_eager through vllm-ascend's
 `finegrained_tp_config` keys), and on a tied-embedding model with the MLP too, each rank's
 greedy tokens must equal the same run without tp_passes (vLLM's default, compiled, for both
-modes), and each rank's report must show
-every layer sharded with its weight bytes halved.
+modes), and each rank's report must show every layer sharded with its weight bytes halved.
 """
 
 import json

@@ -4,8 +4,9 @@ Llama made locally with transformers, 4 prompts x 16 greedy tokens.
 `compilation_config={"backend": "tp_passes"}` (compiled, and with enforce_eager=True)
 must give the tokens of vLLM's default run (its own compiled backend: the rewrites change
 the summation order as much as compiling does, so one baseline serves both modes), and
-every rank's report must show at least two rewrites applied in every decoder layer. Each vLLM run is a subprocess (vLLM spawns its
-engine and workers); the reports come from TP_PASSES_DUMP's report.json per rank.
+every rank's report must show at least two rewrites applied in every decoder layer. Each
+vLLM run is a subprocess (vLLM spawns its engine and workers); the reports come from
+TP_PASSES_DUMP's report.json per rank.
 """
 
 import json
