@@ -33,20 +33,17 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from tp_passes import weights
 from tp_passes.groups.layout import SeriesSchedule
+from tp_passes.patterns import MLPTP, EmbeddingTP, LMHeadTP, OProjTP
 
 HIDDEN, O_IN, VOCAB, LAYERS, DENSE_LAYERS, INTER = 7168, 128 * 128, 129280, 61, 3, 18432
 DTYPE = torch.bfloat16
 
-# module -> (count, [(weight shape, spec kind, dim)], int8 in W8A8)
+# module -> (count, rewrite, [weight shapes], int8 in W8A8); the shard specs are the rewrite's
 MODULES = {
-    "o_proj": (LAYERS, [((HIDDEN, O_IN), "shard", 1)], True),
-    "embedding": (1, [((VOCAB, HIDDEN), "shard", 0)], False),
-    "lm_head": (1, [((VOCAB, HIDDEN), "shard", 0)], False),
-    "mlp (dense layers)": (
-        DENSE_LAYERS,
-        [((2 * INTER, HIDDEN), "shard_halves", 0), ((HIDDEN, INTER), "shard", 1)],
-        True,
-    ),
+    "o_proj": (LAYERS, OProjTP(), [(HIDDEN, O_IN)], True),
+    "embedding": (1, EmbeddingTP(), [(VOCAB, HIDDEN)], False),
+    "lm_head": (1, LMHeadTP(), [(VOCAB, HIDDEN)], False),
+    "mlp (dense layers)": (DENSE_LAYERS, MLPTP(), [(2 * INTER, HIDDEN), (HIDDEN, INTER)], True),
 }
 # vllm-ascend's Fine-grained TP guide, memory saved per card at TP 8 (DeepSeek-R1-W8A8)
 PUBLISHED_W8A8_K8 = {
@@ -67,10 +64,10 @@ def measure(k: int, w8a8: bool = False) -> dict:
     try:
         group = dist.group.WORLD
         rows = {}
-        for name, (count, ws, quantized) in MODULES.items():
+        for name, (count, rewrite, shapes, quantized) in MODULES.items():
             full = shard = 0
             dtype = torch.int8 if w8a8 and quantized else DTYPE
-            for shape, kind, dim in ws:
+            for shape, (kind, dim) in zip(shapes, rewrite.shard_specs(len(shapes))):
                 w = torch.empty(shape, dtype=dtype, device="meta")
                 s = weights.derive(w, weights.WeightSpec(kind, dim, group))
                 full += nbytes(w) * count

@@ -103,61 +103,87 @@ def flashcomm2_rows(
 
 
 # -- module TP across data-parallel ranks (every rank brings its own T tokens) -------------
-# k = group size, j = my index. All ranks of the group must bring the same T (the eager
-# path pads to the group maximum first; see `pad_to_group_max`).
+# k = group size, j = my index. All ranks of the group must bring the same T (the callers
+# pad to the group maximum first; see `pad_to_group_max`). Every weight is sharded so that
+# each output element is one rank's whole dot product (linear layers by output rows, the
+# embedding by vocab rows): no partial sums cross ranks, so a bf16 shard rounds exactly as
+# the unsharded matmul does, and the exchange moves the same bytes as a column split would.
 
 
-def oproj_dp(
-    x: torch.Tensor, w_j: torch.Tensor | None, group: str, k: int, mm: Local | None = None
+class Collectives:
+    """The dim-0 collectives of one group that module TP exchanges through: torch's
+    functional collectives on a named group (traceable; a graph rewrite emits these).
+    A host with faster ones (vLLM's shared-memory or device communicators) subclasses."""
+
+    transport = "torch functional collectives"
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [k*T, ...], source-major."""
+        return funcol.all_gather_single(x, 0, self.group)
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """[k*c, ...]: chunk d goes to rank d; returns the k chunks received, source-major."""
+        return funcol.all_to_all_single(x, None, None, self.group)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """[k*c, ...] -> my chunk of the sum over ranks."""
+        return funcol.reduce_scatter_single(x, "sum", 0, self.group)
+
+
+def collectives(group: str | Collectives) -> Collectives:
+    return group if isinstance(group, Collectives) else Collectives(group)
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
+
+
+def _back(y: torch.Tensor, c: Collectives, k: int, t: int, width: int) -> torch.Tensor:
+    """[k*t, W/k] (my output columns of every rank's tokens) -> [t, width] (all output
+    columns of my tokens): all_to_all, sources side by side, padding cut."""
+    mine = c.all_to_all(y)  # [k (source: its column block), t, W/k]
+    return mine.reshape(k, t, -1).transpose(0, 1).reshape(t, -1)[:, :width]
+
+
+def rows_dp(
+    x: torch.Tensor,
+    w_j: torch.Tensor | None,
+    group: str | Collectives,
+    k: int,
+    width: int,
+    mm: Local | None = None,
 ) -> torch.Tensor:
-    """x[T, A] @ W.T with W sharded by input columns: w_j = W[:, chunk j] ([H, A/k]).
-
-    all_to_all sends column chunk c of my tokens to rank c, so rank j holds chunk j of
-    every rank's tokens ([kT, A/k]); reduce_scatter sums the k column chunks and returns
-    each rank its own tokens. `mm`: the local product X @ w_j.T by a layer's own kernel
-    (vLLM: a prepacked or quantized shard), instead of `linear(X, w_j)`.
-    """
-    x = F.pad(x, (0, (-x.shape[1]) % k))  # A not divisible by k: zero columns (w_j padded too)
-    t, a = x.shape
-    send = x.reshape(t, k, a // k).transpose(0, 1).reshape(k * t, a // k)
-    X = funcol.all_to_all_single(send, None, None, group)
-    return funcol.reduce_scatter_single(_local(mm, w_j)(X), "sum", 0, group)
+    """x[T, in] @ W.T with W sharded by output rows: w_j = rows chunk j of W padded to a
+    multiple of k ([width/k, in]); o_proj and lm_head. Gather every rank's tokens, compute
+    my output columns for all of them, all_to_all back so each rank has every column of
+    its own tokens. `mm`: the local product by a layer's own kernel (vLLM: a prepacked or
+    quantized shard), instead of `linear(X, w_j)`."""
+    c = collectives(group)
+    y = _local(mm, w_j)(c.all_gather(x))  # [kT, width/k]
+    return _back(y, c, k, x.shape[0], width)
 
 
 def embedding_dp(
     ids: torch.Tensor,
     w_j: torch.Tensor,
     j: int,
-    group: str,
+    group: str | Collectives,
     k: int,
     lookup: Local | None = None,
 ) -> torch.Tensor:
     """W[ids] with W sharded by rows: w_j = rows [j*V/k, (j+1)*V/k) (vocab padded to k).
+    Each row is found on one rank and zeros elsewhere, so the sum is exact.
     `lookup`: the local lookup by a layer's own kernel, instead of `F.embedding(., w_j)`."""
-    all_ids = funcol.all_gather_single(ids.reshape(-1), 0, group)
+    c = collectives(group)
+    all_ids = c.all_gather(ids.reshape(-1))
     rows = w_j.shape[0]
     local = all_ids - j * rows
     outside = (local < 0) | (local >= rows)
     found = (lookup or (lambda i: F.embedding(i, w_j)))(local.masked_fill(outside, 0))
-    e = found.masked_fill(outside.unsqueeze(-1), 0.0)
-    return funcol.reduce_scatter_single(e, "sum", 0, group)
-
-
-def lmhead_dp(
-    h: torch.Tensor,
-    w_j: torch.Tensor | None,
-    group: str,
-    k: int,
-    vocab: int,
-    mm: Local | None = None,
-) -> torch.Tensor:
-    """h[T, H] @ W.T with W sharded by rows (vocab): gather tokens, compute my vocab slice
-    for all of them, all_to_all back so each rank has all vocab slices of its tokens.
-    `mm` as in `oproj_dp`."""
-    t = h.shape[0]
-    logits = _local(mm, w_j)(funcol.all_gather_single(h, 0, group))  # [kT, V/k]
-    mine = funcol.all_to_all_single(logits, None, None, group)  # [k(source j'), T, V/k]
-    return mine.reshape(k, t, -1).transpose(0, 1).reshape(t, -1)[:, :vocab]
+    return c.reduce_scatter(found.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
 ACTIVATIONS = {
@@ -172,20 +198,28 @@ def mlp_dp(
     gate_j: torch.Tensor | None,
     up_j: torch.Tensor | None,
     down_j: torch.Tensor | None,
-    group: str,
+    group: str | Collectives,
     k: int,
+    width: int,
     act: str = "silu",
-    local: Local | None = None,
+    local: tuple[Local, Local] | None = None,
 ) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) with gate/up sharded by rows (a merged gate_up weight is
-    sharded half by half, see `shard_halves`) and down by columns. `local`: the MLP on
-    the gathered rows by a module's own layers (vLLM), instead of the three products."""
-    xs = funcol.all_gather_single(x, 0, group)  # [kT, H]
-    if local is None:  # [kT, I/k] between the projections
-        y = linear(ACTIVATIONS[act](linear(xs, gate_j)) * linear(xs, up_j), down_j)
+    """down(act(gate(x)) * up(x)), every weight sharded by output rows (a merged gate_up
+    weight half by half, see `shard_halves`): gather the tokens, my slice of the
+    intermediate for all of them, gather the intermediate's slices (each rank needs all of
+    it for its rows of down), my output columns, all_to_all back. `local`: (up part, down
+    part) by a module's own layers (vLLM), instead of the three products."""
+    c = collectives(group)
+    xs = c.all_gather(x)  # [kT, H]
+    if local is None:
+        up = lambda v: ACTIVATIONS[act](linear(v, gate_j)) * linear(v, up_j)  # noqa: E731
+        down = lambda v: linear(v[:, : down_j.shape[1]], down_j)  # noqa: E731 (pad cut)
     else:
-        y = local(xs)
-    return funcol.reduce_scatter_single(y, "sum", 0, group)
+        up, down = local
+    h = up(xs)  # [kT, I/k]
+    n = xs.shape[0]
+    full = c.all_gather(h).reshape(k, n, -1).transpose(0, 1).reshape(n, -1)  # [kT, I]
+    return _back(down(full), c, k, x.shape[0], width)
 
 
 def shard_padded(w: torch.Tensor, dim: int, k: int, j: int) -> torch.Tensor:
@@ -203,22 +237,31 @@ def shard_halves(w: torch.Tensor, k: int, j: int) -> torch.Tensor:
     return torch.cat([shard_padded(gate, 0, k, j), shard_padded(up, 0, k, j)])
 
 
-def pad_to_group_max(x: torch.Tensor, group: str, k: int, key: str) -> tuple[torch.Tensor, int]:
-    """Pad dim 0 to the largest T in the group (one small all_gather); return (x, max T).
+def group_rows(rows: int, key: str, group: str | Collectives, k: int) -> list[int]:
+    """Every rank's row count, by one small all_gather that also carries the module's
+    `key`: ranks that entered different modules raise together instead of exchanging
+    mismatched rows.
 
     Module TP over DP exchanges tokens between ranks that serve different requests, so
-    their T may differ; padding instead of assuming equal T is what keeps them from
-    hanging (vllm-ascend #10586). The same all_gather carries the module's `key`: ranks
-    that entered different modules raise together instead of exchanging mismatched rows.
+    their T may differ; padding to the largest instead of assuming equal T is what keeps
+    them from hanging (vllm-ascend #10586).
     """
-    mine = torch.tensor([x.shape[0], zlib.crc32(key.encode())], dtype=torch.int64)
-    every = funcol.all_gather_single(mine, 0, group)
-    every = (every.wait() if isinstance(every, funcol.AsyncCollectiveTensor) else every)
-    every = every.reshape(k, 2)
-    if len(set(every[:, 1].tolist())) > 1:
+    mine = torch.tensor([rows, zlib.crc32(key.encode())], dtype=torch.int64)
+    every = _wait(collectives(group).all_gather(mine)).reshape(k, 2).tolist()
+    if len({code for _, code in every}) > 1:
         raise RuntimeError(
             f"tp_passes: ranks of a module TP group entered different modules ({key} here; "
-            f"module codes {every[:, 1].tolist()}): the DP ranks are not in lockstep"
+            f"module codes {[code for _, code in every]}): the DP ranks are not in lockstep"
         )
-    t_max = int(every[:, 0].max())
-    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, t_max - x.shape[0])), t_max
+    return [r for r, _ in every]
+
+
+def pad_to(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended to dim 0 up to `rows`."""
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+
+
+def pad_to_group_max(x: torch.Tensor, group: str, k: int, key: str) -> tuple[torch.Tensor, int]:
+    """Pad dim 0 to the largest T in the group (`group_rows`); return (x, max T)."""
+    t_max = max(group_rows(x.shape[0], key, group, k))
+    return pad_to(x, t_max), t_max

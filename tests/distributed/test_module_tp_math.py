@@ -37,19 +37,27 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
         return fn(xp)[:T]
 
     gate, up = W_gu.chunk(2)
+    W_o_j = comm.shard_padded(W_o, 0, k, j)
     gu_j = comm.shard_halves(W_gu, k, j)
     got = {
-        "o_proj": padded(lambda t: comm.oproj_dp(t, comm.shard_padded(W_o, 1, k, j), name, k), x)
-        + b_o,
+        "o_proj": padded(
+            lambda t: comm.rows_dp(
+                t, None, name, k, H, mm=lambda v: comm.linear(v, W_o_j, comm.shard_padded(b_o, 0, k, j))
+            ),
+            x,
+        ),
         "embedding": padded(
             lambda t: comm.embedding_dp(t, comm.shard_padded(W_e, 0, k, j), j, name, k),
             ids.unsqueeze(-1),
         ),
         "lm_head": padded(
-            lambda t: comm.lmhead_dp(t, comm.shard_padded(W_lm, 0, k, j), name, k, V), h
+            lambda t: comm.rows_dp(t, comm.shard_padded(W_lm, 0, k, j), name, k, V), h
         ),
         "mlp": padded(
-            lambda t: comm.mlp_dp(t, *gu_j.chunk(2), comm.shard_padded(W_d, 1, k, j), name, k), h
+            lambda t: comm.mlp_dp(
+                t, *gu_j.chunk(2), comm.shard_padded(W_d, 0, k, j), name, k, H
+            ),
+            h,
         ),
     }
     ref = {
@@ -61,7 +69,7 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
     return {
         n: ((got[n].float() - ref[n].float()).abs().max() / ref[n].float().abs().max()).item()
         for n in ref
-    }
+    } | {f"{n} exact": torch.equal(got[n], ref[n]) for n in ref}
 
 
 @pytest.mark.parametrize("world, k", [(2, 2), (4, 4), (4, 2)])
@@ -69,8 +77,11 @@ def _check(rank, world, k, dtype, tokens_of_rank, H, A, V, I):
 def test_module_tp_math_matches_unsharded(world, k, dtype):
     # A=26, vocab 37 and intermediate 13 do not divide k: padded shards; ranks bring 1..9 tokens
     tokens = [1, 7, 9, 4][:world]
-    res = run_ranks(_check, world, k, dtype, tokens, 16, 26, 37, 13)
+    res = run_ranks(_check, world, k, dtype, tokens, 18, 26, 37, 13)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for per_rank in res:
         for name, rel in per_rank.items():
-            assert rel <= tol, (name, rel, per_rank)
+            if "exact" not in name:
+                assert rel <= tol, (name, rel, per_rank)
+            elif dtype == torch.bfloat16:  # no partial sums cross ranks: rounds as unsharded
+                assert rel, (name, per_rank)

@@ -259,10 +259,10 @@ def test_tied_lm_head_is_found_through_the_embedding(fake_world):
 @pytest.mark.parametrize(
     "field, collectives",
     [
-        ("oproj_tp", {"all_to_all_single": 1, "reduce_scatter_tensor": 1}),
+        ("oproj_tp", {"all_gather_into_tensor": 1, "all_to_all_single": 1}),
         ("embedding_tp", {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}),
         ("lmhead_tp", {"all_gather_into_tensor": 1, "all_to_all_single": 1}),
-        ("mlp_tp", {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}),
+        ("mlp_tp", {"all_gather_into_tensor": 2, "all_to_all_single": 1}),
     ],
 )
 def test_module_tp_replacement(fake_world, field, collectives):
@@ -346,14 +346,15 @@ def test_module_tp_wire_bytes_per_token_follow_the_ring_formulas():
     """The per-token bytes vLLM's load-time plan reports come from the rewrite classes."""
     from tp_passes.patterns import EmbeddingTP, LMHeadTP, MLPTP, OProjTP
 
-    # o_proj [H=128, A=256], k=2: all_to_all of x (1/2 * 256 * 4) + RS of 2 rows (1/2 * 2 * 128 * 4)
-    assert OProjTP().wire_per_token(2, 256, 128, 4) == 512 + 512
+    # o_proj [H=128, A=256], k=2: all_gather x (1 * 256 * 4) + all_to_all (1/2 * 128 * 4)
+    assert OProjTP().wire_per_token(2, 256, 128, 4) == 1024 + 256
     # embedding width 128: ids all_gather (8) + RS of 2 rows
     assert EmbeddingTP().wire_per_token(2, 128, 128, 4) == 8 + 512
     # lm_head [V=512, H=128], k=4: all_gather h (3 * 128 * 4) + all_to_all (3/4 * 512 * 4)
     assert LMHeadTP().wire_per_token(4, 128, 512, 4) == 1536 + 1536
-    # MLP H=128, k=2, bf16: all_gather x (1 * 128 * 2) + RS of 2 rows (1/2 * 2 * 128 * 2)
-    assert MLPTP().wire_per_token(2, 128, 128, 2) == 256 + 256
+    # MLP H=128, I=384, k=2, bf16: all_gather x (1 * 128 * 2) and the intermediate
+    # (1 * 384 * 2) + all_to_all (1/2 * 128 * 2)
+    assert MLPTP().wire_per_token(2, 128, 128, 2, 384) == 256 + 768 + 128
 
 
 def test_the_owner_holds_derived_weights_and_nothing_is_set_on_the_parameters(fake_world):
@@ -371,7 +372,7 @@ def test_the_owner_holds_derived_weights_and_nothing_is_set_on_the_parameters(fa
     assert len(owner().derived) == cached + 1
     w_o = inputs[DP_NAMES.index("layers.0.self_attn.o_proj.weight")]
     (shard,) = derived_values(w_o)
-    assert shard.shape[1] * 2 == w_o.shape[1]  # the cache holds this rank's column shard
+    assert shard.shape[0] * 2 == w_o.shape[0]  # the cache holds this rank's row shard
     assert [dict(vars(t)) for t in inputs] == before
     gone = weakref.ref(w_o)
     del w_o, inputs, gm, done, shard

@@ -6,10 +6,14 @@ Before (pure DP, per rank; W replicated)::
 
 After (W_j = this rank's shard, bound as an extra graph input)::
 
-    y = reduce_scatter(mm(all_to_all(cols(x)), t(W_o_j)))            # comm.oproj_dp
+    y = all_to_all(mm(all_gather(x), t(W_o_j)))[:, :H]               # comm.rows_dp
     e = reduce_scatter(masked_embedding(W_e_j, all_gather(ids)))     # comm.embedding_dp
-    l = all_to_all(mm(all_gather(h), t(W_lm_j)))[:, :V]              # comm.lmhead_dp
-    m = reduce_scatter(mm(act(mm(all_gather(x), gate_j)) * mm(.., up_j), down_j))  # comm.mlp_dp
+    l = all_to_all(mm(all_gather(h), t(W_lm_j)))[:, :V]              # comm.rows_dp
+    u = act(mm(all_gather(x), t(gate_j))) * mm(.., t(up_j))          # comm.mlp_dp
+    m = all_to_all(mm(all_gather(u), t(down_j)))[:, :H]
+
+Every shard is a block of output rows, so each output element is one rank's whole dot
+product: a bf16 model rounds exactly as unsharded (no partial sums cross ranks).
 
 Selection is by module path, with the names users expect (overridable through
 `TPConfig.module_names`); draft and vision modules are never selected unless asked. The
@@ -214,18 +218,27 @@ class ModuleTP(Rewrite):
         raise NotImplementedError
 
     def exchange(
-        self, x: torch.Tensor, g: str, k: int, j: int, width: int, local: Any, w_j: Any
+        self,
+        x: torch.Tensor,
+        c: comm.Collectives,
+        k: int,
+        j: int,
+        width: int,
+        local: Any,
+        w_j: Any,
     ) -> torch.Tensor:
         """The same exchange around a framework's own kernel `local` on this rank's shard
-        (vLLM's quant method on its processed weight): `x` [rows, in] (ids for the
-        embedding), `width` the output features of the whole module, `w_j` the shard."""
-        raise NotImplementedError
+        (vLLM's quant method on its processed weight), through the host's collectives `c`:
+        `x` [rows, in] (ids for the embedding), `width` the output features of the whole
+        module, `w_j` the shard."""
+        return comm.rows_dp(x, None, c, k, width, mm=local)
 
-    def wire_per_token(self, k: int, cols: int, width: int, item: int) -> int:
+    def wire_per_token(self, k: int, cols: int, width: int, item: int, inner: int = 0) -> int:
         """Bytes a rank sends per token of its batch (the ring formulas of `tp_passes.wire`):
-        `cols` input features (the embedding: its width), `width` output features, `item`
-        bytes per element."""
-        raise NotImplementedError
+        `cols` input features (the embedding: its width), `width` output features, `inner`
+        the MLP's intermediate features, `item` bytes per element."""
+        # all_gather of x, all_to_all of the k*T output slices (o_proj, lm_head)
+        return round((k - 1) * cols * item + (k - 1) / k * width * item)
 
     def refuses(self, has_bias: bool) -> str:
         """Why a module of this family cannot be sharded from what every rank agrees on
@@ -322,21 +335,16 @@ class OProjTP(ModuleTP):
         return self._linear(by_path, config, reduced, "o_proj")
 
     def shard_specs(self, n_weights):
-        return [("shard", 1)]  # input columns
+        return [("shard", 0)]  # output rows
 
     def forward(self, m, g, k, j, rows):
         def oproj(x, w, b=None):
-            y = comm.oproj_dp(x, w, g, k)
-            return y if b is None else y + b
+            if b is None:
+                return comm.rows_dp(x, w, g, k, rows)
+            b_j = comm.shard_padded(b, 0, k, j)  # my output columns' bias, fused as unsharded
+            return comm.rows_dp(x, None, g, k, rows, mm=lambda v: comm.linear(v, w, b_j))
 
         return oproj
-
-    def exchange(self, x, g, k, j, width, local, w_j):
-        return comm.oproj_dp(x, None, g, k, mm=local)
-
-    def wire_per_token(self, k, cols, width, item):
-        # all_to_all of x, reduce_scatter of the k*T partial rows
-        return round((k - 1) / k * (cols + k * width) * item)
 
 
 class EmbeddingTP(ModuleTP):
@@ -367,10 +375,10 @@ class EmbeddingTP(ModuleTP):
 
         return embedding
 
-    def exchange(self, x, g, k, j, width, local, w_j):
-        return comm.embedding_dp(x, w_j, j, g, k, lookup=local)
+    def exchange(self, x, c, k, j, width, local, w_j):
+        return comm.embedding_dp(x, w_j, j, c, k, lookup=local)
 
-    def wire_per_token(self, k, cols, width, item):
+    def wire_per_token(self, k, cols, width, item, inner=0):
         # all_gather of int64 ids, reduce_scatter of the k*T looked-up rows
         return round((k - 1) * 8 + (k - 1) / k * k * width * item)
 
@@ -388,16 +396,9 @@ class LMHeadTP(ModuleTP):
 
     def forward(self, m, g, k, j, rows):
         def lmhead(h, w):
-            return comm.lmhead_dp(h, w, g, k, rows)
+            return comm.rows_dp(h, w, g, k, rows)
 
         return lmhead
-
-    def exchange(self, x, g, k, j, width, local, w_j):
-        return comm.lmhead_dp(x, None, g, k, width, mm=local)
-
-    def wire_per_token(self, k, cols, width, item):
-        # all_gather of h, all_to_all of the k*T logit slices
-        return round((k - 1) * cols * item + (k - 1) / k * width * item)
 
 
 class MLPTP(ModuleTP):
@@ -430,27 +431,29 @@ class MLPTP(ModuleTP):
         return out
 
     def shard_specs(self, n_weights):
-        if n_weights == 2:  # merged gate_up (each half sharded), down by columns
-            return [("shard_halves", 0), ("shard", 1)]
-        return [("shard", 0), ("shard", 0), ("shard", 1)]
+        if n_weights == 2:  # merged gate_up (each half sharded), down by rows
+            return [("shard_halves", 0), ("shard", 0)]
+        return [("shard", 0), ("shard", 0), ("shard", 0)]
 
-    def exchange(self, x, g, k, j, width, local, w_j):
-        return comm.mlp_dp(x, None, None, None, g, k, local=local)
+    def exchange(self, x, c, k, j, width, local, w_j):
+        return comm.mlp_dp(x, None, None, None, c, k, width, local=local)
 
-    def wire_per_token(self, k, cols, width, item):
-        # all_gather of x, reduce_scatter of the k*T partial rows
-        return round((k - 1) * cols * item + (k - 1) / k * k * width * item)
+    def wire_per_token(self, k, cols, width, item, inner=0):
+        # all_gather of x and of the intermediate slices, all_to_all of the output slices
+        return round(((k - 1) * (cols + inner) + (k - 1) / k * width) * item)
 
     def forward(self, m, g, k, j, rows):
+        width = val(m.weights[-1]).shape[0]  # down's output features
+
         if len(m.weights) == 2:  # merged gate_up, sharded half by half
 
             def merged(x, gu, d):
-                return comm.mlp_dp(x, *gu.chunk(2), d, g, k, m.act)
+                return comm.mlp_dp(x, *gu.chunk(2), d, g, k, width, m.act)
 
             return merged
 
         def mlp(x, gate, up, d):
-            return comm.mlp_dp(x, gate, up, d, g, k, m.act)
+            return comm.mlp_dp(x, gate, up, d, g, k, width, m.act)
 
         return mlp
 

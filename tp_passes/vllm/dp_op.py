@@ -1,22 +1,30 @@
 """The opaque op that runs a layer planned at load time: ``torch.ops.tp_passes.dp_module``.
 
 A compiled graph holds only ``dp_module(x, "<layer key>")``; the op finds the planned layer
-by its key, pads to the module TP group's largest row count (checking every rank entered
-the same layer), runs the family's exchange (`ModuleTP.exchange`) around vLLM's own
-kernel on this rank's shard, and cuts the padding off. `install` routes vLLM's layers
-through it once their shards were processed into vLLM's kernel formats.
+by its key, pads to the module TP group's largest row count, runs the family's exchange
+(`ModuleTP.exchange`) around vLLM's own kernel on this rank's shard through vLLM's
+collectives for the group (`VLLMCollectives`: on CPU its shared-memory ops), and cuts the
+padding off. `install` routes vLLM's layers through it once their shards were processed
+into vLLM's kernel formats.
+
+Row counts. Inside a forward, every layer of a step has the same rows: when vLLM's DP
+metadata is set (MoE models) the group's counts are read from it, with no collective;
+otherwise the first op of the step agrees them once per group (`comm.group_rows`, which
+also checks the ranks entered the same layer) and the step's other layers reuse them.
+lm_head runs after the forward, on the sampled rows only: it agrees its own counts, once
+per step as well.
 """
 
 from __future__ import annotations
 
 import copy
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from tp_passes import comm
@@ -25,6 +33,43 @@ from tp_passes.owner import owner
 from tp_passes.patterns import ModuleTP
 from tp_passes.patterns.module_tp import mlp_names
 from tp_passes.report import Entry
+
+
+class VLLMCollectives(comm.Collectives):
+    """The exchange through vLLM's GroupCoordinator of the module TP group: on CPU its
+    shared-memory communicator (microseconds where gloo takes a fraction of a
+    millisecond), on devices its device communicator. vLLM's CPU shared-memory ops have
+    all_gather and all_reduce for float dtypes only: all_to_all is an all_gather and a
+    local select, reduce_scatter an all_reduce and a local slice, and integers travel
+    bit-cast as float32 (the ops copy bytes)."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coord, self.k = coordinator, coordinator.world_size
+        self.j = coordinator.rank_in_group
+        self.transport = transport_of(coordinator)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if x.is_floating_point():
+            return self.coord.all_gather(x, 0)
+        return self.coord.all_gather(x.view(torch.float32), 0).view(x.dtype)
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[0] // self.k
+        every = self.all_gather(x).reshape(self.k, self.k, c, *x.shape[1:])
+        return every[:, self.j].reshape(x.shape)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[0] // self.k
+        return self.coord.all_reduce(x.contiguous()).narrow(0, self.j * c, c)
+
+
+def transport_of(coordinator: Any) -> str:
+    """What the exchange runs on, for the report."""
+    dc = coordinator.device_communicator
+    if type(getattr(dc, "dist_module", None)).__name__ == "_CPUSHMDistributed":
+        return "vLLM CPU shared memory (_C.shm_all_gather / shm_allreduce)"
+    return f"vLLM {type(dc).__name__}"
 
 
 @dataclass
@@ -37,11 +82,15 @@ class DPModule:
     group: NamedGroup
     width: int  # output features of the original layer (lm_head: its padded vocab slice)
     dtype: torch.dtype  # the weight's (the embedding's output dtype)
+    dp_ranks: list[int]  # the group's members as indices of vLLM's DP group
     details: dict[str, Any] = field(default_factory=dict)  # bytes, for the report
-    local: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by `install`
+    local: Any = None  # vLLM's kernels on the shard, set by `install`
+    collectives: comm.Collectives | None = None  # set by `install`
     # run-time counts: calls, calls with no rows of this rank's own (an idle rank's dummy
-    # logits), calls padded because another rank brought more rows
-    calls: dict[str, int] = field(default_factory=lambda: {"calls": 0, "empty": 0, "padded": 0})
+    # logits), calls padded because another rank brought more rows, agreement collectives
+    calls: dict[str, int] = field(
+        default_factory=lambda: {"calls": 0, "empty": 0, "padded": 0, "agreed": 0}
+    )
 
     @property
     def kind(self) -> str:
@@ -59,18 +108,59 @@ class DPModule:
         ids = self.kind == "embedding_tp"
         flat = x.reshape(-1) if ids else x.reshape(-1, x.shape[-1])
         lead = x.shape if ids else x.shape[:-1]  # the output is [*lead, width]
-        rows, g, k = flat.shape[0], self.group.group_name, self.group.size
-        padded, t_max = comm.pad_to_group_max(flat, g, k, self.key)
+        rows, c = flat.shape[0], self.collectives
+        j = self.group.ranks.index(torch.distributed.get_rank())
+        counts = self.counts(rows, j)
+        t_max = max(counts)
         self.calls["calls"] += 1
         self.calls["empty"] += rows == 0
         self.calls["padded"] += rows < t_max
         if t_max == 0:  # every rank empty: no exchange (same decision on every rank)
             return x.new_zeros(*lead, self.width, dtype=self.out_dtype(x))
-        j = self.group.ranks.index(torch.distributed.get_rank())
         w_j = getattr(self.layer, "weight", None)  # an MLP has its weights on its children
-        y = self.rewrite.exchange(padded, g, k, j, self.width, self.local, w_j)
-        y = (y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y)[:rows]
+        k = self.group.size
+        y = self.rewrite.exchange(comm.pad_to(flat, t_max), c, k, j, self.width, self.local, w_j)
+        y = y[:rows]
         return y.reshape(*lead, y.shape[-1])
+
+    def counts(self, rows: int, j: int) -> list[int]:
+        """Every group member's rows for this call (see the module docstring)."""
+        ctx = _forward_context() if self.kind != "lmhead_tp" else None
+        if ctx is None:
+            self.calls["agreed"] += 1
+            return comm.group_rows(rows, self.key, self.collectives, self.group.size)
+        meta = ctx.dp_metadata
+        if meta is not None:
+            counts = [int(meta.num_tokens_across_dp_cpu[i]) for i in self.dp_ranks]
+        else:
+            step = _step_counts()
+            if step.get("context") is None or step["context"]() is not ctx:
+                step.clear()
+                step["context"] = weakref.ref(ctx)
+            name = self.group.group_name
+            if name not in step:  # the step's first op on this group agrees for the rest
+                self.calls["agreed"] += 1
+                step[name] = comm.group_rows(rows, self.key, self.collectives, self.group.size)
+            counts = step[name]
+        if counts[j] != rows:
+            raise RuntimeError(
+                f"tp_passes: {self.key} got {rows} rows but this step's row count on this rank "
+                f"is {counts[j]} (group counts {counts}): a module TP layer must see every "
+                "token of the step"
+            )
+        return counts
+
+
+def _forward_context() -> Any:
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return get_forward_context() if is_forward_context_available() else None
+
+
+def _step_counts() -> dict[str, Any]:
+    """The current step's agreed row counts per group name (and the step's forward
+    context, weakly), held by the package's owner."""
+    return owner().integrations.setdefault("vllm.step_counts", {})
 
 
 # -- the op ----------------------------------------------------------------------------------
@@ -116,6 +206,9 @@ def install(modules: list[DPModule]) -> list[Entry]:
     why = "planned at model load: weight sharded before vLLM's weight post-processing"
     for m in modules:
         _planned()[m.key] = m
+        coord = m.group.coordinator
+        m.collectives = VLLMCollectives(coord) if coord else comm.Collectives(m.group.group_name)
+        m.details["transport"] = m.collectives.transport
         if m.kind == "mlp_tp":
             m.local = _mlp_local(m.layer)
             _route_forward(m.layer, op, m.key)
@@ -143,15 +236,19 @@ def _route(layer: nn.Module, method: str, fn: Callable) -> None:
     layer.quant_method = qm
 
 
-def _mlp_local(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The MLP on gathered rows by its own layers, without the TP reduce (done after)."""
+def _mlp_local(mlp: nn.Module) -> tuple[Callable, Callable]:
+    """(up part, down part) of the MLP by its own layers, without the TP reduce (done
+    after): the intermediate between them is exchanged (`comm.mlp_dp`)."""
     gate_up, down = (getattr(mlp, n) for n in mlp_names(mlp))
-    gu, dn = gate_up.quant_method, down.quant_method
+    gu, dn, inner = gate_up.quant_method, down.quant_method, down.input_size_per_partition
 
-    def local(x: torch.Tensor) -> torch.Tensor:
-        return dn.apply(down, mlp.act_fn(gu.apply(gate_up, x, None)), None)
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return mlp.act_fn(gu.apply(gate_up, x, None))
 
-    return local
+    def down_part(h: torch.Tensor) -> torch.Tensor:  # the gathered intermediate, pad cut
+        return dn.apply(down, h[:, :inner].contiguous(), None)
+
+    return up, down_part
 
 
 def _route_forward(mlp: nn.Module, op: Any, key: str) -> None:

@@ -163,8 +163,9 @@ def plan(model: nn.Module, vllm_config: Any, config: TPConfig) -> DPPlan:
         Entry(k, p, False, w, getattr(config, k), blocked=True) for k, p, _, w in decided if w
     ]
     _refuse_or_warn(result.entries, config.strict)
-    # id(weight Parameter) -> (full shape, full bytes): tied layers share one shard
-    full: dict[int, tuple[tuple[int, ...], int]] = {}
+    # id(weight Parameter) -> (full shapes, full bytes): tied layers share one shard
+    full: dict[int, tuple[list[torch.Size], int]] = {}
+    dp_ranks = get_dp_group().ranks
     for kind, path, m, why in decided:
         if why:
             continue
@@ -172,23 +173,27 @@ def plan(model: nn.Module, vllm_config: Any, config: TPConfig) -> DPPlan:
         layers = [getattr(m, n) for n in mlp_names(m)] if kind == "mlp_tp" else [m]
         ws = [layer.weight for layer in layers]
         if id(ws[0]) not in full:  # a tied weight is sharded once, for both layers
-            full[id(ws[0])] = (tuple(ws[0].shape), weight_bytes(ws))
+            full[id(ws[0])] = ([w.shape for w in ws], weight_bytes(ws))
             for w, (how, dim) in zip(ws, rewrite.shard_specs(len(ws))):
                 # the same Parameter object (vLLM's loader attributes and any tied user
                 # stay); the full storage is freed
                 w.data = derive(w.data, WeightSpec(how, dim, group.pg))
-        (rows, cols), before = full[id(ws[0])]
-        # o_proj, lm_head and the MLP put out rows of their last weight; the embedding
-        # looks up rows of width cols
-        width = cols if kind == "embedding_tp" else ws[-1].shape[0] if kind == "mlp_tp" else rows
+        shapes, before = full[id(ws[0])]
+        (_, cols), (width, inner) = shapes[0], shapes[-1]  # o_proj, lm_head, MLP: rows out
+        width = cols if kind == "embedding_tp" else width  # the embedding: rows of width cols
         item = ws[0].element_size()
         details = {
             "group_ranks": list(group.ranks),
             "weight_bytes_before": before,
             "weight_bytes_after": weight_bytes(ws),
-            "wire_bytes_per_token": rewrite.wire_per_token(group.size, cols, width, item),
+            "wire_bytes_per_token": rewrite.wire_per_token(
+                group.size, cols, width, item, inner if kind == "mlp_tp" else 0
+            ),
         }
-        result.modules.append(DPModule(rewrite, path, m, group, width, ws[-1].dtype, details))
+        members = [dp_ranks.index(r) for r in group.ranks]
+        result.modules.append(
+            DPModule(rewrite, path, m, group, width, ws[-1].dtype, members, details)
+        )
     return result
 
 
