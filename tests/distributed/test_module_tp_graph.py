@@ -60,7 +60,9 @@ def test_graph_matches_original(world, k, dtype):
                 "oproj_tp",
                 "oproj_tp",
             ]
-            assert collectives.get("all_to_all_single") == 2 + 1  # 2 o_proj + lm_head
+            # each o_proj, MLP and lm_head ends with one all_to_all; the embedding reduces
+            assert collectives.get("all_to_all_single") == 2 + 2 + 1
+            assert collectives.get("reduce_scatter_tensor") == 1
 
 
 def test_separate_gate_and_up_projections():
