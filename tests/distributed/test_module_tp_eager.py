@@ -73,10 +73,10 @@ def test_parameters_become_the_shards():
     for rel, _, modules, empty, params_before, params_after, shapes in res:
         assert rel <= 1e-5
         assert empty == []
-        assert shapes["layers.0.self_attn.o_proj.weight"] == [64, 32]  # [H, A/k]
+        assert shapes["layers.0.self_attn.o_proj.weight"] == [32, 64]  # [H/k, A]
         assert shapes["embed_tokens.weight"] == [48, 64] and shapes["lm_head.weight"] == [48, 64]
         assert shapes["layers.0.mlp.gate_up_proj.weight"] == [96, 64]  # half of each of gate, up
-        assert shapes["layers.0.mlp.down_proj.weight"] == [64, 48]
+        assert shapes["layers.0.mlp.down_proj.weight"] == [32, 96]  # [H/k, I]
         # half of embedding + lm_head (96x64 each), 2 o_proj (64x64), 2 gate_up (192x64) and
         # 2 down (64x96), fp32: the rest (q/k/v, norms) is untouched
         full = 4 * (2 * 96 * 64 + 2 * 64 * 64 + 2 * 192 * 64 + 2 * 64 * 96)
