@@ -18,6 +18,7 @@ per step as well.
 from __future__ import annotations
 
 import copy
+import sys
 import types
 import weakref
 from collections.abc import Callable
@@ -152,9 +153,10 @@ class DPModule:
 
 
 def _forward_context() -> Any:
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    return get_forward_context() if is_forward_context_available() else None
+    """vLLM's forward context of the running step; None outside a forward (or without
+    vLLM loaded: the op's body also runs in tests without it)."""
+    fc = sys.modules.get("vllm.forward_context")
+    return fc.get_forward_context() if fc and fc.is_forward_context_available() else None
 
 
 def _step_counts() -> dict[str, Any]:
