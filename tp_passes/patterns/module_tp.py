@@ -165,6 +165,7 @@ class ModuleTP(Rewrite):
     group = ""  # registry group name
     bias_reason = ""  # non-empty: a bias on any rank skips the match with this reason
     stage = "module_tp"
+    ops: tuple[str, ...] = ("all_gather", "all_to_all")  # the exchange's collectives
 
     def size(self, config: Any) -> int:
         return getattr(config, self.name)
@@ -349,6 +350,7 @@ class OProjTP(ModuleTP):
 
 class EmbeddingTP(ModuleTP):
     name, group = "embedding_tp", "embedtp"
+    ops = ("all_gather", "reduce_scatter")
 
     def example_input(self, w):
         return torch.zeros(3, dtype=torch.int64)  # token ids
@@ -404,6 +406,7 @@ class LMHeadTP(ModuleTP):
 class MLPTP(ModuleTP):
     name, group = "mlp_tp", "mlptp"
     bias_reason = "MLP with biases is not supported"
+    ops = ("all_gather", "all_gather", "all_to_all")
 
     def eager_target(self, config, path, module):
         names = mlp_names(module) if self.size(config) else None

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tp_passes import comm
+from tp_passes import comm, cost
 from tp_passes.groups.registry import NamedGroup
 from tp_passes.owner import owner
 from tp_passes.patterns import ModuleTP
@@ -138,11 +138,11 @@ class DPModule:
             if step.get("context") is None or step["context"]() is not ctx:
                 step.clear()
                 step["context"] = weakref.ref(ctx)
-            name = self.group.group_name
-            if name not in step:  # the step's first op on this group agrees for the rest
+            members = self.group.ranks  # groups of the same ranks share the step's counts
+            if members not in step:  # the step's first op on these ranks agrees for the rest
                 self.calls["agreed"] += 1
-                step[name] = comm.group_rows(rows, self.key, self.collectives, self.group.size)
-            counts = step[name]
+                step[members] = comm.group_rows(rows, self.key, self.collectives, self.group.size)
+            counts = step[members]
         if counts[j] != rows:
             raise RuntimeError(
                 f"tp_passes: {self.key} got {rows} rows but this step's row count on this rank "
@@ -159,8 +159,8 @@ def _forward_context() -> Any:
     return fc.get_forward_context() if fc and fc.is_forward_context_available() else None
 
 
-def _step_counts() -> dict[str, Any]:
-    """The current step's agreed row counts per group name (and the step's forward
+def _step_counts() -> dict[Any, Any]:
+    """The current step's agreed row counts per group's ranks (and the step's forward
     context, weakly), held by the package's owner."""
     return owner().integrations.setdefault("vllm.step_counts", {})
 
@@ -201,9 +201,11 @@ def call_counts() -> dict[str, dict[str, int]]:
 # -- after loading: route the layers through the op -----------------------------------------
 
 
-def install(modules: list[DPModule]) -> list[Entry]:
+def install(modules: list[DPModule], decode_batch: int) -> list[Entry]:
     """Route every planned layer through ``tp_passes.dp_module`` (after vLLM processed the
-    shards into its kernels' formats); return the applied entries."""
+    shards into its kernels' formats); return the applied entries, each with the
+    exchange's transport and its predicted cost against the weight read it saves at a
+    decode batch of `decode_batch` tokens per rank."""
     op = dp_module_op()
     why = "planned at model load: weight sharded before vLLM's weight post-processing"
     for m in modules:
@@ -211,6 +213,16 @@ def install(modules: list[DPModule]) -> list[Entry]:
         coord = m.group.coordinator
         m.collectives = VLLMCollectives(coord) if coord else comm.Collectives(m.group.group_name)
         m.details["transport"] = m.collectives.transport
+        shm = "shared memory" in m.collectives.transport
+        link = cost.LINKS.get("shm" if shm else torch.distributed.get_backend(m.group.pg))
+        if link is not None:
+            d = m.details
+            m.details["predicted_per_step"] = {"tokens": decode_batch} | cost.module_tp_us(
+                m.rewrite.ops,
+                d["wire_bytes_per_token"] * decode_batch,
+                d["weight_bytes_before"] - d["weight_bytes_after"],
+                link,
+            )
         if m.kind == "mlp_tp":
             m.local = _mlp_local(m.layer)
             _route_forward(m.layer, op, m.key)

@@ -103,7 +103,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     for coordinator in (get_tp_group(), get_pp_group()):
         agree_across_ranks(config.to_dict(), "the tp_passes config", group=coordinator.cpu_group)
     plan = module_tp.plans().get(model) or module_tp.DPPlan()
-    entries = plan.entries + install(plan.modules)
+    entries = plan.entries + install(plan.modules, vllm_config.scheduler_config.max_num_seqs)
     planned = {id(m) for p in plan.modules for m in p.layer.modules()}
 
     def recognize(m: nn.Module) -> RowParallel | None:
