@@ -67,18 +67,30 @@ def save_tiny_llama(path, *, layers: int = 2, tied: bool = False):
 
 
 def run_commands(
-    commands: dict[str, tuple[list[str], dict[str, str]]], width: int = 2, timeout: float = 400
+    commands: dict[str, tuple[list[str], dict[str, str]]],
+    width: int = 2,
+    timeout: float = 400,
+    apart: tuple[set[str], ...] = (),
 ) -> dict[str, tuple[int, str]]:
     """Run independent commands (argv, env) `width` at a time; name -> (exit code, output).
 
     A vLLM run keeps about 1.4 of 2 cores busy (start-up is mostly one process importing
     and loading), so two at a time finish the set sooner than one after another. A command
-    that outlives `timeout` is killed and reported with exit code -9.
+    that outlives `timeout` is killed and reported with exit code -9. Commands named in one
+    set of `apart` never run at the same time (torchrun vLLM runs share vLLM's CPU
+    shared-memory names, derived from "env://", for groups of the same name and ranks).
     """
     pending, running, done = list(commands.items()), {}, {}
     while pending or running:
         while pending and len(running) < width:
-            name, (argv, env) = pending.pop(0)
+            free = [
+                i
+                for i, (n, _) in enumerate(pending)
+                if not any(n in a and a & running.keys() for a in apart)
+            ]
+            if not free:
+                break
+            name, (argv, env) = pending.pop(free[0])
             log = tempfile.TemporaryFile(mode="w+")
             proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
             running[name] = (proc, log, time.monotonic())

@@ -82,7 +82,9 @@ def runs(tmp_path_factory) -> dict:
         name: _command(model, tmp, name, free_port(), *flags)
         for name, (model, *flags) in runs.items()
     }
-    done = run_commands(commands, width=2)
+    # runs whose groups share a name and ranks (module TP groups, vLLM's TP groups) apart
+    sharded = {"tp_passes", "tp_passes_eager", "tied_tp_passes"}
+    done = run_commands(commands, width=2, apart=(sharded, {"dptp_default", "dptp_tp_passes"}))
     return {name: _result(tmp, name, *done[name]) for name in commands}
 
 
