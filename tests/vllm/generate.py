@@ -39,7 +39,11 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=None, help="tensor_parallel_size")
     args = ap.parse_args()
     dp = args.data_parallel
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto" if dp else "0|1")
+    tp = args.tp or (1 if dp else 2)
+    # one core per rank; 4 ranks (DP 2 x TP 2) on 2 cores share them ("auto" gives a rank
+    # no core there, and vLLM's shared-memory setup divides by its thread count)
+    binds = {2: "0|1", 4: "0|1|0|1"}
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", binds[tp * 2] if dp else "0|1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # the engine core in this process: one interpreter fewer to start (the model still
     # runs in vLLM's TP workers, where the plugin rewrites it)
@@ -52,7 +56,6 @@ def main() -> None:
         kwargs["compilation_config"] = {"backend": args.backend}
     if args.additional:
         kwargs["additional_config"] = json.loads(args.additional)
-    tp = args.tp or (1 if dp else 2)
     if dp:
         kwargs.update(data_parallel_size=2, distributed_executor_backend="external_launcher")
     t0 = time.time()

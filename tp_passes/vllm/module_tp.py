@@ -227,17 +227,18 @@ def plan_loaded_model(model: nn.Module, vllm_config: Any) -> None:
 
 
 def after_dummy_run(runner: Any, out: Any) -> None:
-    """After a dummy forward (an idle DP rank's step, warmup): compute logits on zero rows
-    when lm_head is sharded, so this rank takes part in the busy ranks' exchange. Every
+    """After a dummy forward (an idle DP rank's step, warmup): run the sharded lm_head's
+    exchange on zero rows, so this rank takes part in the busy ranks' exchange (only the
+    exchange: vLLM's TP gather of zero logits would crash its CPU shm all_gather). Every
     rank that runs a dummy forward does this, so profile and warmup runs stay symmetric."""
-    model = runner.get_model()
-    p = plans().get(model)
-    if p is None or not any(m.kind == "lmhead_tp" for m in p.modules):
+    p = plans().get(runner.get_model())
+    heads = [m for m in p.modules if m.kind == "lmhead_tp"] if p else []
+    if not heads:
         return
     hidden = out[0] if isinstance(out, tuple) else out
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
         with torch.inference_mode():
-            model.compute_logits(hidden[:0])
+            heads[0].forward(hidden[:0])
     else:  # a dummy run without hidden states (e.g. a non-last pipeline stage)
         raise RuntimeError(
             "tp_passes: lm_head module TP needs the hidden states of every dummy run; this "
