@@ -126,7 +126,7 @@ def _eager_shard_truth(rank, world):
 
 def test_4_eager_parameter_is_the_shard():
     for shape, nbytes, sd_shape in run_ranks(_eager_shard_truth, 2):
-        assert shape == [64, 32] and sd_shape == [64, 32]
+        assert shape == [32, 64] and sd_shape == [32, 64]  # o_proj: [H/k, A]
         assert nbytes == 64 * 32 * 4
 
 
