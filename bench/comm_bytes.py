@@ -63,14 +63,14 @@ def analytic(case: str, T: int, k: int = N) -> float:
         per = a2a(G, T * A // N * E) + rs(m, m * T // N * H * E) + ag(N, th)
         return L * per + (1 + L) * ar(N, th)
     # module TP in pure DP, group of k: every collective carries k ranks' tokens
-    if case == "oproj_tp":
-        return L * (a2a(k, T * A * E) + rs(k, k * th))
+    if case == "oproj_tp":  # by output rows: gather x, all_to_all my H/k columns back
+        return L * (ag(k, k * T * A * E) + a2a(k, th))
     if case == "embedding_tp":
         return ag(k, k * T * 8) + rs(k, k * th)  # int64 ids
     if case == "lmhead_tp":
         return ag(k, k * th) + a2a(k, k * T * (V // k) * E)
-    if case == "mlp_tp":
-        return L * (ag(k, k * th) + rs(k, k * th))
+    if case == "mlp_tp":  # gather x and the intermediate, all_to_all my H/k columns back
+        return L * (ag(k, k * th) + ag(k, k * T * I * E) + a2a(k, th))
     raise KeyError(case)
 
 
