@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import vllm_throughput  # the same random Llama maker, larger sizes
+
 CONFIGS = {
     "none": {},
     "lm_head": {"lmhead_tp": 2},
@@ -40,23 +42,14 @@ MODEL = "Llama, 4 layers, hidden 2048, 16/4 heads, intermediate 5632, vocab 1310
 
 
 def make_model(path: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    vllm_throughput.make_model(
+        path,
         vocab_size=131072,
         hidden_size=2048,
         intermediate_size=5632,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=4,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
         initializer_range=0.05,  # logits far enough apart for bf16 greedy decoding
-        torch_dtype="bfloat16",
     )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
 
 
 def rss_mib() -> float:

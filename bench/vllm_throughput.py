@@ -40,22 +40,23 @@ CONFIGS = {
 SEQS, PREFILL_LEN, DECODE_PROMPT, DECODE_LEN = 16, 256, 8, 64
 
 
-def make_model(path: Path) -> None:
+def make_model(path: Path, **sizes: int | float) -> None:
+    """A random bf16 Llama saved at `path` (this benchmark's sizes; `sizes` override
+    LlamaConfig fields, as bench/module_tp_decode.py does)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-    )
+    fields = {
+        "vocab_size": 4096,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+    } | sizes
+    cfg = LlamaConfig(**fields, tie_word_embeddings=False, torch_dtype="bfloat16")
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
 
 
