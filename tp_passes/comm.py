@@ -186,6 +186,28 @@ def embedding_dp(
     return c.reduce_scatter(found.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
+@torch.library.custom_op("tp_passes::row_positions", mutates_args=())
+def row_positions(ids: torch.Tensor) -> torch.Tensor:
+    """0, 1, ... in the shape of `ids`, as int32 (token counts fit): opaque to Inductor,
+    which must load them as it loads token ids (see `as_lookup`)."""
+    return torch.arange(ids.numel(), dtype=torch.int32, device=ids.device).view(ids.shape)
+
+
+@row_positions.register_fake
+def _(ids: torch.Tensor) -> torch.Tensor:
+    return ids.new_empty(ids.shape, dtype=torch.int32)
+
+
+def as_lookup(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The exchanged embedding rows, [n, H] for the n ids, written as a lookup in the shape
+    of `ids`. Compiled, the unsharded model's lookup is fused into the kernels that read it
+    (the first norm, every later residual add), and Inductor picks their vectorization, and
+    so the order of the norm's sum, by the loads it makes; behind a buffer those kernels
+    change and bf16 greedy tokens drift. A lookup by positions keeps the same kernels, and
+    the same bits."""
+    return F.embedding(row_positions(ids).long(), rows.reshape(ids.numel(), -1))
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,

@@ -241,6 +241,11 @@ class ModuleTP(Rewrite):
         # all_gather of x, all_to_all of the k*T output slices (o_proj, lm_head)
         return round((k - 1) * cols * item + (k - 1) / k * width * item)
 
+    def read_saved(self, bytes_before: int, bytes_after: int) -> int:
+        """Weight bytes a rank no longer reads per decode step: the whole weight's share
+        (a matmul reads all of it every step)."""
+        return bytes_before - bytes_after
+
     def refuses(self, has_bias: bool) -> str:
         """Why a module of this family cannot be sharded from what every rank agrees on
         ("" when it can)."""
@@ -373,12 +378,15 @@ class EmbeddingTP(ModuleTP):
 
     def forward(self, m, g, k, j, rows):
         def embedding(ids, w):
-            return comm.embedding_dp(ids.reshape(-1), w, j, g, k).reshape(*ids.shape, -1)
+            return comm.as_lookup(comm.embedding_dp(ids.reshape(-1), w, j, g, k), ids)
 
         return embedding
 
     def exchange(self, x, c, k, j, width, local, w_j):
         return comm.embedding_dp(x, w_j, j, c, k, lookup=local)
+
+    def read_saved(self, bytes_before, bytes_after):
+        return 0  # a lookup reads only its ids' rows, sharded or not
 
     def wire_per_token(self, k, cols, width, item, inner=0):
         # all_gather of int64 ids, reduce_scatter of the k*T looked-up rows

@@ -220,7 +220,7 @@ def install(modules: list[DPModule], decode_batch: int) -> list[Entry]:
             m.details["predicted_per_step"] = {"tokens": decode_batch} | cost.module_tp_us(
                 m.rewrite.ops,
                 d["wire_bytes_per_token"] * decode_batch,
-                d["weight_bytes_before"] - d["weight_bytes_after"],
+                m.rewrite.read_saved(d["weight_bytes_before"], d["weight_bytes_after"]),
                 link,
             )
         if m.kind == "mlp_tp":
@@ -229,7 +229,11 @@ def install(modules: list[DPModule], decode_batch: int) -> list[Entry]:
         elif m.kind == "embedding_tp":
             qm = m.layer.quant_method
             m.local = lambda ids, qm=qm, layer=m.layer: qm.embedding(layer, ids)
-            _route(m.layer, "embedding", lambda self, layer, ids, key=m.key: op(ids, key))
+            _route(
+                m.layer,
+                "embedding",
+                lambda self, layer, ids, key=m.key: comm.as_lookup(op(ids, key), ids),
+            )
         else:
             qm = m.layer.quant_method
             m.local = lambda x, qm=qm, layer=m.layer: qm.apply(layer, x, None)
