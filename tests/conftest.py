@@ -43,10 +43,11 @@ def vllm_cpu_has_shm_all_reduce() -> bool:
     return hasattr(torch.ops._C, "init_shm_manager")
 
 
-def save_tiny_llama(path, *, layers: int = 2, tied: bool = False):
+def save_tiny_llama(path, *, layers: int = 2, tied: bool = False, bias: bool = False):
     """A tiny random Llama for vLLM runs, saved with transformers (no download): hidden 128
     (head_dim 32, the CPU attention kernels' smallest), vocab 512. A tied model at the
-    default init just repeats its last token; it gets initializer_range 0.1."""
+    default init just repeats its last token; it gets initializer_range 0.1. `bias`: q, k,
+    v and o_proj with biases (Llama's attention_bias; random, not transformers' zeros)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,8 +62,15 @@ def save_tiny_llama(path, *, layers: int = 2, tied: bool = False):
         max_position_embeddings=256,
         tie_word_embeddings=tied,
         initializer_range=0.1 if tied else 0.02,
+        attention_bias=bias,
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    model = LlamaForCausalLM(cfg)
+    if bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    p.normal_(0, 0.05)
+    model.save_pretrained(path)
     return path
 
 

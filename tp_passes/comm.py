@@ -41,9 +41,9 @@ def reduce_scatter_rows(p: torch.Tensor, group: str, n: int, native: Any = None)
     return funcol.reduce_scatter_single(pad_rows(p, n), "sum", 0, group)
 
 
-def gather_rows(x: torch.Tensor, group: str, n: int, rows: int) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, group: str | Collectives, n: int, rows: int) -> torch.Tensor:
     """Inverse of the token sharding: [Tl, F] -> [rows, F]."""
-    return funcol.all_gather_single(x, 0, group).narrow(0, 0, rows)
+    return collectives(group).all_gather(x).narrow(0, 0, rows)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,13 +71,16 @@ def mm_reduce_scatter(
 
 def flashcomm2_rows(
     x: torch.Tensor,
-    w_block: torch.Tensor,
-    odp_group: str,
+    w_block: torch.Tensor | None,
+    odp_group: str | Collectives,
     odp_size: int,
-    otp_group: str | None,
+    otp_group: str | Collectives | None,
     otp_size: int,
+    mm: Local | None = None,
 ) -> torch.Tensor:
     """FlashComm2 o_proj: head-sharded x [T, A/n] -> token-sharded y [Tl, H] (no bias).
+    `mm`: the product by the layer's own kernel on its [H, A/m] block (vLLM: prepacked),
+    instead of `linear(X, w_block)`.
 
     TP group of n = m*G ranks, TP index t = b*G + i (ODP block b, position i). Rank t holds
     columns block t of A. Token pieces p < n of Tl rows; rank t must end with piece t.
@@ -93,12 +96,13 @@ def flashcomm2_rows(
     a_local = xp.shape[1]
     # reorder pieces so destination i gets pieces [i, G+i, 2G+i, ...]
     send = xp.reshape(m, G, tl, a_local).transpose(0, 1).reshape(m * G * tl, a_local)
-    recv = funcol.all_to_all_single(send, None, None, odp_group)
+    recv = collectives(odp_group).all_to_all(send)
     # recv: G sources x [m*tl, A/n]; source i' holds column block i' of this ODP block
     X = recv.reshape(G, m * tl, a_local).transpose(0, 1).reshape(m * tl, G * a_local)
-    y = linear(X, w_block)
+    y = _local(mm, w_block)(X)
     if m > 1:
-        y = funcol.reduce_scatter_single(y, "sum", 0, otp_group)
+        assert otp_group is not None
+        y = collectives(otp_group).reduce_scatter(y)
     return y
 
 

@@ -1,4 +1,4 @@
-"""The body of ``tp_passes.dp_module`` (module TP across DP inside vLLM) on real gloo ranks,
+"""The body of ``tp_passes.planned_layer`` (module TP across DP inside vLLM) on real gloo ranks,
 without vLLM: each rank brings its own token count (zero included), the layer's "own
 kernel" is a plain product on its shard, and every rank's output must equal the
 unsharded layer's. Ranks that enter different layers raise instead of exchanging."""

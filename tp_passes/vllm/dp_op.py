@@ -1,6 +1,7 @@
-"""The opaque op that runs a layer planned at load time: ``torch.ops.tp_passes.dp_module``.
+"""The opaque op that runs a layer planned at load time, ``torch.ops.tp_passes.planned_layer``,
+and module TP's layers behind it (FlashComm2's are in `tp_passes.vllm.flashcomm2`).
 
-A compiled graph holds only ``dp_module(x, "<layer key>")``; the op finds the planned layer
+A compiled graph holds only ``planned_layer(x, "<layer key>")``; the op finds the planned layer
 by its key, pads to the module TP group's largest row count, runs the family's exchange
 (`ModuleTP.exchange`) around vLLM's own kernel on this rank's shard through vLLM's
 collectives for the group (`VLLMCollectives`: on CPU its shared-memory ops), and cuts the
@@ -104,6 +105,10 @@ class DPModule:
     def out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return self.dtype if self.kind == "embedding_tp" else x.dtype
 
+    def fake(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape if self.kind == "embedding_tp" else x.shape[:-1]
+        return x.new_empty(*lead, self.width, dtype=self.out_dtype(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The op's body: pad to the group's largest row count, exchange, cut."""
         ids = self.kind == "embedding_tp"
@@ -168,45 +173,45 @@ def _step_counts() -> dict[Any, Any]:
 # -- the op ----------------------------------------------------------------------------------
 
 
-def _planned() -> dict[str, DPModule]:
-    """Layer key -> planned layer of the models this process loaded (filled by `install`),
-    held by the package's owner."""
+def _planned() -> dict[str, Any]:
+    """Layer key -> planned layer of the models this process loaded (filled by `install`
+    and `tp_passes.vllm.flashcomm2.install`), held by the package's owner."""
     return owner().integrations.setdefault("vllm.module_tp", {})
 
 
-def dp_module_op() -> Any:
-    """``torch.ops.tp_passes.dp_module(x, key)``, registered on first use. Opaque to Dynamo
-    and Inductor (the exchange pads by a row count known only at run time)."""
-    if hasattr(torch.ops.tp_passes, "dp_module"):
-        return torch.ops.tp_passes.dp_module.default
+def planned_layer_op() -> Any:
+    """``torch.ops.tp_passes.planned_layer(x, key)``, registered on first use: runs the
+    layer planned at load under `key` (a `DPModule`, a `FlashComm2Layer`). Opaque to Dynamo
+    and Inductor (module TP pads by a row count known only at run time; both run vLLM's
+    own kernels and collectives)."""
+    if hasattr(torch.ops.tp_passes, "planned_layer"):
+        return torch.ops.tp_passes.planned_layer.default
 
-    @torch.library.custom_op("tp_passes::dp_module", mutates_args=())
-    def dp_module(x: torch.Tensor, key: str) -> torch.Tensor:
+    @torch.library.custom_op("tp_passes::planned_layer", mutates_args=())
+    def planned_layer(x: torch.Tensor, key: str) -> torch.Tensor:
         return _planned()[key].forward(x).contiguous()
 
-    @dp_module.register_fake
+    @planned_layer.register_fake
     def _(x: torch.Tensor, key: str) -> torch.Tensor:
-        m = _planned()[key]
-        lead = x.shape if m.kind == "embedding_tp" else x.shape[:-1]
-        return x.new_empty(*lead, m.width, dtype=m.out_dtype(x))
+        return _planned()[key].fake(x)
 
-    return torch.ops.tp_passes.dp_module.default
+    return torch.ops.tp_passes.planned_layer.default
 
 
 def call_counts() -> dict[str, dict[str, int]]:
     """Per planned layer of this process: calls, empty calls, padded calls."""
-    return {key: dict(m.calls) for key, m in _planned().items()}
+    return {key: dict(m.calls) for key, m in _planned().items() if isinstance(m, DPModule)}
 
 
 # -- after loading: route the layers through the op -----------------------------------------
 
 
 def install(modules: list[DPModule], decode_batch: int) -> list[Entry]:
-    """Route every planned layer through ``tp_passes.dp_module`` (after vLLM processed the
+    """Route every planned layer through ``tp_passes.planned_layer`` (after vLLM processed the
     shards into its kernels' formats); return the applied entries, each with the
     exchange's transport and its predicted cost against the weight read it saves at a
     decode batch of `decode_batch` tokens per rank."""
-    op = dp_module_op()
+    op = planned_layer_op()
     why = "planned at model load: weight sharded before vLLM's weight post-processing"
     for m in modules:
         _planned()[m.key] = m

@@ -9,8 +9,8 @@ calling its forward with `reduce_results` off, and do the reduce ourselves throu
     after:   y = all_gather(reduce_scatter(o_proj_without_reduce(x)))
 
 Recognized: `RowParallelLinear` (o_proj, down_proj, ...) and `VocabParallelEmbedding`
-(not `ParallelLMHead`, whose logits are gathered, not reduced). FlashComm2 needs the
-plain weight; a layer that holds it prepacked or quantized is skipped with that reason.
+(not `ParallelLMHead`, whose logits are gathered, not reduced). FlashComm2 and module TP
+are planned when the weights are loaded (`tp_passes.vllm.flashcomm2`, `.module_tp`).
 """
 
 from __future__ import annotations
@@ -88,12 +88,13 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
 def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> list[dict]:
     """Finish the rewrites of a loaded vLLM model in place (every rank).
 
-    Module TP across DP ranks was planned when the weights were loaded
-    (`tp_passes.vllm.module_tp.plan`); here its layers are routed through the exchange.
-    `compiled`: the model's forward goes through the backend, which does the rest; else
-    FlashComm2 / sequence parallelism are applied to vLLM's row-parallel layers here.
+    Module TP across DP ranks and FlashComm2 were planned when the weights were loaded
+    (`tp_passes.vllm.module_tp.plan`, `tp_passes.vllm.flashcomm2.plan`); here their
+    layers are routed through the op. `compiled`: the model's forward goes through the
+    backend, which does the rest; else sequence parallelism is applied to vLLM's
+    row-parallel layers here.
     """
-    from tp_passes.vllm import module_tp
+    from tp_passes.vllm import flashcomm2, module_tp
 
     from vllm.distributed import get_pp_group, get_tp_group
 
@@ -104,7 +105,11 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
         agree_across_ranks(config.to_dict(), "the tp_passes config", group=coordinator.cpu_group)
     plan = module_tp.plans().get(model) or module_tp.DPPlan()
     entries = plan.entries + install(plan.modules, vllm_config.scheduler_config.max_num_seqs)
+    fc2_layers, fc2_skipped = flashcomm2.plans().get(model, ([], []))
+    fc2 = fc2_skipped + flashcomm2.install(fc2_layers)
+    entries += fc2
     planned = {id(m) for p in plan.modules for m in p.layer.modules()}
+    planned |= {id(f.layer) for f in fc2_layers}
 
     def recognize(m: nn.Module) -> RowParallel | None:
         # layers sharded across DP hold DP shards: they keep vLLM's own TP reduce
@@ -115,6 +120,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
         # vLLM's post-grad route (CUDA): FlashComm2's weights are derived here, at load,
         # and its collectives traced from the layers' forwards; the pass does the rest
         entries += [Entry(**e) for e in post_grad.inner.prepare(model, recognize)]
+        post_grad.inner.prepared += [dataclasses.asdict(e) for e in fc2]
     if not compiled:
         # TP ranks must rewrite the same layers the same way, or their collectives hang
         found = [name for name, m in model.named_modules() if recognize(m) is not None]
@@ -123,7 +129,10 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
             "the eager rewrite plan (config or vLLM layers)",
             group=get_tp_group().cpu_group,
         )
-        eager_config = dataclasses.replace(config, **{k: 0 for k in module_tp.FAMILIES})
+        # module TP and FlashComm2 were planned at load
+        eager_config = dataclasses.replace(
+            config, flashcomm2=0, **{k: 0 for k in module_tp.FAMILIES}
+        )
         entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=recognize)]
     if entries:
         report = GraphReport(next_graph_id(), rank(), entries, config=config.to_dict())

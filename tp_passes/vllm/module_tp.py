@@ -7,7 +7,7 @@ TP shards such a weight over k DP ranks and exchanges activations instead (vllm-
     before (vLLM's layer, weight W replicated on every DP rank)
         y = layer.quant_method.apply(layer, x)                 # x @ W.T
     after (layer.weight is W_j, this rank's shard; see `tp_passes.vllm.dp_op`)
-        y = torch.ops.tp_passes.dp_module(x, "<layer key>")
+        y = torch.ops.tp_passes.planned_layer(x, "<layer key>")
           = cut(reduce_scatter(apply_j(all_to_all(cols(pad(x))))))      # o_proj
           = cut(all_to_all(apply_j(all_gather(pad(h)))))                # lm_head
           = cut(reduce_scatter(lookup_j(all_gather(pad(ids)))))         # embedding
