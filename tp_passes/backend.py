@@ -130,8 +130,8 @@ def rewrite_graph(
         with clock(rw.name):
             found.append((rw, rw.find(cx)))
     for rw, ms in found:
-        for m in ms:
-            m.reason = m.reason or (refused or {}).get(rw.name, "")
+        for m in ms:  # the host's reason first: its own plan took this rewrite
+            m.reason = (refused or {}).get(rw.name, "") or m.reason
     with clock("common"):
         facts = outside_compile(_agree, cx, found)
     for (rw, ms), per_match in zip(found, facts):

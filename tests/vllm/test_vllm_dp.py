@@ -35,6 +35,10 @@ ASCEND_KEYS = {
     }
 }
 ALL_FOUR = {"tp_passes": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2, "mlp_tp": 2}}
+# 2 layers: prefetch_step 0 (1 window); 1 owned + 1 window saves nothing: applied by request
+SERIES = {
+    "tp_passes": {"shared_weights": ["o_proj"], "prefetch_step": 0, "shared_weights_apply": True}
+}
 
 
 def _command(model: Path, tmp: Path, name: str, port: int, *flags: str) -> tuple:
@@ -75,6 +79,8 @@ def runs(tmp_path_factory) -> dict:
         "tied_default": (tied,),
         "tied_tp_passes": (tied, *tp, json.dumps(ALL_FOUR)),
         # DP 2 x TP 2: four ranks, module TP groups across DP at each TP index
+        # a plain o_proj series over the two DP ranks, weights equal across them
+        "series": (untied, *tp, json.dumps(SERIES)),
         "dptp_default": (untied, "--tp", "2"),
         "dptp_tp_passes": (untied, "--tp", "2", *tp, json.dumps(ALL_FOUR)),
     }
@@ -83,7 +89,7 @@ def runs(tmp_path_factory) -> dict:
         for name, (model, *flags) in runs.items()
     }
     # runs whose groups share a name and ranks (module TP groups, vLLM's TP groups) apart
-    sharded = {"tp_passes", "tp_passes_eager", "tied_tp_passes"}
+    sharded = {"tp_passes", "tp_passes_eager", "tied_tp_passes", "series"}
     done = run_commands(commands, width=2, apart=(sharded, {"dptp_default", "dptp_tp_passes"}))
     return {name: _result(tmp, name, *done[name]) for name in commands}
 
@@ -97,6 +103,7 @@ SHARDED = ["tp_passes", "tp_passes_eager", "tied_tp_passes"]
         ("tp_passes", "default"),
         ("tp_passes_eager", "default"),
         ("tied_tp_passes", "tied_default"),
+        ("series", "default"),
     ],
 )
 def test_each_ranks_tokens_equal_the_run_without_tp_passes(runs, mode, baseline):
@@ -212,3 +219,19 @@ def test_dp2_x_tp2_tokens_equal_and_groups_span_dp_at_each_tp_index(runs):
             d = e["details"]
             assert e["applied"] and d["group_ranks"] == [r % 2, r % 2 + 2], e
             assert d["weight_bytes_after"] * 2 == d["weight_bytes_before"] > 0, e
+
+
+def test_series_across_dp_ranks_keeps_owned_layers_and_the_windows(runs):
+    """The o_proj series over the DP group (rank 0 idle for most steps, running dummy
+    batches: every forward still enters every layer, so the broadcasts pair up): each
+    rank's o_proj bytes are its owned layer + prefetch_step + 1 = 1 window."""
+    layer = 128 * 128 * 4
+    for r in (0, 1):
+        (series,) = [
+            e for rep in runs["series"]["reports"][r] for e in rep["entries"]
+            if e["rewrite"] == "shared_weights" and e["applied"]
+        ]
+        d = series["details"]
+        assert series["applied"] and d["group"] == [0, 1] and d["owned_layers"] == [r], series
+        assert d["windows"] == 1 and d["broadcast_bytes_per_step"] == layer, d
+        assert (d["weight_bytes_before"], d["weight_bytes_after"]) == (2 * layer, 2 * layer), d

@@ -24,7 +24,7 @@ from conftest import run_commands, save_tiny_llama, vllm_cpu_has_shm_all_reduce 
 
 pytestmark = pytest.mark.vllm
 
-LAYERS = 2
+LAYERS = 3  # odd: the o_shared series has owners with 2 and 1 layers
 SCRIPT = Path(__file__).parent / "generate.py"
 
 
@@ -57,6 +57,10 @@ def _result(tmp: Path, name: str, code: int, output: str) -> dict:
 
 
 FC2 = json.dumps({"tp_passes": {"flashcomm2": 1, "sequence_parallel": True}})
+# three layers on two ranks: 1-2 owned + 2 windows saves nothing, so applied by request
+O_SHARED = json.dumps(
+    {"tp_passes": {"flashcomm2": 1, "shared_weights": ["o_proj"], "shared_weights_apply": True}}
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,8 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
         "configured_eager": _command(
             tiny_llama, tmp, "configured_eager", *tp, "--eager", "--additional", FC2
         ),
+        # o_shared: the full-width o_proj of FlashComm2 kept on one TP rank per layer
+        "o_shared": _command(tiny_llama, tmp, "o_shared", *tp, "--additional", O_SHARED),
     }
     done = run_commands(commands)
     return {name: _result(tmp, name, *done[name]) for name in commands}
@@ -106,6 +112,7 @@ def _applied_per_layer(entries: list[dict]) -> dict[int, list[str]]:
         ("tp_passes_eager", "default"),
         ("configured", "default"),
         ("configured_eager", "default"),
+        ("o_shared", "default"),
     ],
 )
 def test_tokens_equal_default_backend(runs, mode, baseline):
@@ -147,15 +154,16 @@ def test_auto_keeps_vllm_all_reduce_on_cpu(runs, mode):
 
 def test_compiled_graph_has_no_all_reduce_left(runs):
     """FlashComm2 runs each o_proj in the op planned at load; with sequence parallelism
-    forced, every other all-reduce became reduce_scatter + all_gather (embedding +
-    down_proj per layer; the embedding's rows are gathered once more right away, since
-    layer 0 adds them to o_proj's output, which the op returns for every token)."""
+    forced, every other all-reduce became a reduce_scatter (embedding, down_proj per
+    layer). The residual stream stays token-sharded; the op returns o_proj's output for
+    every token (sliced to this rank's tokens for the add), so the MLP's input is gathered
+    in every layer as well as each layer's input: 2 all_gathers per layer."""
     for key, report in runs["configured"]["reports"].items():
         if not report["entries"] or report["entries"][0]["rewrite"] == "flashcomm2":
             continue  # the load-time plan's report
         assert report["collectives"] == {
             "reduce_scatter_tensor": LAYERS + 1,
-            "all_gather_into_tensor": LAYERS + 2,
+            "all_gather_into_tensor": 2 * LAYERS,
         }, key
         assert all(e["rewrite"] != "flashcomm2" for e in report["entries"]), key
         final = next((runs["configured"]["dump"] / key).glob("*_final.py")).read_text()
@@ -192,3 +200,24 @@ def test_config_reaches_workers_and_flashcomm2_applied_at_every_o_proj(runs, mod
             assert d["transport"].startswith("vLLM"), d
             # all_to_all of [., 64] between 2 ranks, all_gather of [., 128] over 2, fp32
             assert d["wire_bytes_per_token"] == 4 * (64 / 2 + 128 / 2), d
+
+
+def test_o_shared_keeps_owned_layers_and_the_windows(runs):
+    """FlashComm2 + the o_proj series over the TP group: each rank reports its FlashComm2
+    blocks (full width) and a series whose bytes are its owned layers (layer i on TP rank
+    i mod 2) + prefetch_step + 1 = 2 windows of the full-width o_proj (128 x 128 fp32)."""
+    layer = 128 * 128 * 4
+    for rank, entries in _by_rank(runs["o_shared"]["reports"]).items():
+        fc2 = [e for e in entries if e["rewrite"] == "flashcomm2" and e["applied"]]
+        assert len(fc2) == LAYERS, (rank, entries)
+        (series,) = [e for e in entries if e["rewrite"] == "shared_weights" and e["applied"]]
+        # the compiled graph's report refers to the load-time plan
+        others = [e for e in entries if e["rewrite"] == "shared_weights" and not e["applied"]]
+        assert all("planned at model load" in e["reason"] for e in others), others
+        d = series["details"]
+        assert series["applied"] and d["layer_bytes"] == layer, series
+        owned = list(range(int(rank[-1]), LAYERS, 2))
+        assert d["owned_layers"] == owned and d["windows"] == d["prefetch_step"] + 1 == 2, d
+        assert d["weight_bytes_before"] == LAYERS * layer, d
+        assert d["weight_bytes_after"] == (len(owned) + 2) * layer, d
+        assert d["layers"] == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(LAYERS)]

@@ -1,6 +1,7 @@
 """The vLLM plugin without an engine: registration, mode selection, configuration."""
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e '.[vllm]'")
 
@@ -109,13 +110,27 @@ def test_config_precedence(monkeypatch):
     assert config_from_vllm(_config("tp_passes", monkeypatch), environ={}) == TPConfig()
 
 
-def test_shared_weights_refused_inside_vllm_with_the_field(monkeypatch):
+def test_weight_rewrites_are_left_to_the_load_time_plan(monkeypatch):
+    """Inside vLLM the graph and eager rewrites never take a weight rewrite: module TP,
+    FlashComm2 and the series are planned at load (the host refuses them with that reason)."""
+    from tp_passes.vllm import config as vllm_config_module
+
     cfg = _config("tp_passes", monkeypatch)
     cfg.additional_config = {"tp_passes": {"flashcomm2": 1, "shared_weights": ["o_proj"]}}
-    with pytest.raises(
-        ValueError, match=r"shared_weights=\['o_proj'\] is not available inside vLLM"
-    ):
-        config_from_vllm(cfg, environ={})
+    monkeypatch.setattr(vllm_config_module, "current_vllm_config", lambda: cfg)
+    host = vllm_config_module.host(None)
+    assert host.config.shared_weights == ("o_proj",) and host.config.flashcomm2 == 1
+    assert sorted(host.refused) == ["embedding_tp", "lmhead_tp", "mlp_tp", "oproj_tp"]
+    from tp_passes.vllm import flashcomm2
+
+    model = torch.nn.Linear(2, 2)  # vLLM's loader planned a model in this process
+    flashcomm2.plans()[model] = ([], [])
+    try:
+        refused = vllm_config_module.host(None).refused
+    finally:
+        del flashcomm2.plans()[model]
+    for name in ("oproj_tp", "embedding_tp", "lmhead_tp", "mlp_tp", "flashcomm2", "shared_weights"):
+        assert "planned at model load" in refused[name], name
 
 
 @pytest.mark.parametrize(

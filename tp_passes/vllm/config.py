@@ -16,11 +16,11 @@ from tp_passes.groups.layout import RankLayout
 from tp_passes.owner import owner
 
 BACKEND = "tp_passes"
-# why the graph and eager rewrites leave module TP and FlashComm2 alone inside vLLM
+# why the graph and eager rewrites leave the weight rewrites alone inside vLLM
 PLANNED_AT_LOAD = (
-    "inside vLLM, module TP across DP ranks and FlashComm2 are planned at model load "
-    "(tp_passes.vllm.module_tp, tp_passes.vllm.flashcomm2; see that report), not by the "
-    "graph or eager rewrites"
+    "inside vLLM, module TP across DP ranks, FlashComm2 and the shared-weight series are "
+    "planned at model load (tp_passes.vllm.module_tp, .flashcomm2, .shared_weights; see "
+    "that report), not by the graph or eager rewrites"
 )
 
 
@@ -49,12 +49,6 @@ def config_from_vllm(
         tp_passes_dict(getattr(vllm_config, "additional_config", None)), base=base
     )
     cfg = TPConfig.from_dict(options or {}, base=cfg)
-    if cfg.shared_weights:
-        raise ValueError(
-            f"tp_passes: shared_weights={list(cfg.shared_weights)} is not available inside vLLM "
-            "yet (its weights would have to be planned at load time, as module TP's are); use "
-            "it with torch.compile(backend='tp_passes') or tp_passes.parallelize"
-        )
     return cfg
 
 
@@ -93,7 +87,12 @@ def host(options: Mapping[str, Any] | None) -> Host | None:
     vllm_config = current_vllm_config()
     if vllm_config is None:
         return None
-    refused = {name: PLANNED_AT_LOAD for name in (*MODULE_NAME_KEYS, "flashcomm2")}
+    planned = list(MODULE_NAME_KEYS)
+    if any(owner().integrations.get(f"vllm.{k}") for k in ("flashcomm2", "shared_weights")):
+        # vLLM's loader ran here: its plan took them (layers built by hand, as in
+        # tests/vllm/test_vllm_dialect.py, leave them to the graph rewrites)
+        planned += ["flashcomm2", "shared_weights"]
+    refused = {name: PLANNED_AT_LOAD for name in planned}
     inductor = dict(vllm_config.compilation_config.inductor_compile_config)
     return Host("vllm", config_from_vllm(vllm_config, options), refused, inductor)
 

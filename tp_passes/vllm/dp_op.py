@@ -198,6 +198,20 @@ def planned_layer_op() -> Any:
     return torch.ops.tp_passes.planned_layer.default
 
 
+def route_linear(layer: nn.Module, key: str) -> None:
+    """`layer` (a vLLM linear) runs as ``planned_layer(x, key)``, returning what its own
+    forward returns (``(output, bias)`` where it returns its bias)."""
+    op = planned_layer_op()
+
+    def forward(self: nn.Module, x: torch.Tensor) -> Any:
+        y = op(x, key)
+        if not self.return_bias:
+            return y
+        return y, (self.bias if self.skip_bias_add else None)
+
+    layer.forward = types.MethodType(forward, layer)
+
+
 def call_counts() -> dict[str, dict[str, int]]:
     """Per planned layer of this process: calls, empty calls, padded calls."""
     return {key: dict(m.calls) for key, m in _planned().items() if isinstance(m, DPModule)}

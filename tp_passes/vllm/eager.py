@@ -88,13 +88,13 @@ def as_vllm_row_parallel(module: nn.Module) -> RowParallel | None:
 def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> list[dict]:
     """Finish the rewrites of a loaded vLLM model in place (every rank).
 
-    Module TP across DP ranks and FlashComm2 were planned when the weights were loaded
-    (`tp_passes.vllm.module_tp.plan`, `tp_passes.vllm.flashcomm2.plan`); here their
-    layers are routed through the op. `compiled`: the model's forward goes through the
+    Module TP across DP ranks, FlashComm2 and the shared-weight series were planned when
+    the weights were loaded (`tp_passes.vllm.module_tp`, `.flashcomm2`, `.shared_weights`);
+    here their layers are routed through the op. `compiled`: the model's forward goes through the
     backend, which does the rest; else sequence parallelism is applied to vLLM's
     row-parallel layers here.
     """
-    from tp_passes.vllm import flashcomm2, module_tp
+    from tp_passes.vllm import flashcomm2, module_tp, shared_weights
 
     from vllm.distributed import get_pp_group, get_tp_group
 
@@ -106,10 +106,12 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
     plan = module_tp.plans().get(model) or module_tp.DPPlan()
     entries = plan.entries + install(plan.modules, vllm_config.scheduler_config.max_num_seqs)
     fc2_layers, fc2_skipped = flashcomm2.plans().get(model, ([], []))
-    fc2 = fc2_skipped + flashcomm2.install(fc2_layers)
-    entries += fc2
+    series, series_entries = shared_weights.plans().get(model, ([], []))
+    loaded = fc2_skipped + flashcomm2.install(fc2_layers) + series_entries
+    shared_weights.install(series, {f.path: f.forward for f in fc2_layers})
+    entries += loaded
     planned = {id(m) for p in plan.modules for m in p.layer.modules()}
-    planned |= {id(f.layer) for f in fc2_layers}
+    planned |= {id(f.layer) for f in fc2_layers} | {id(s.layer) for s in series}
 
     def recognize(m: nn.Module) -> RowParallel | None:
         # layers sharded across DP hold DP shards: they keep vLLM's own TP reduce
@@ -120,7 +122,7 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
         # vLLM's post-grad route (CUDA): FlashComm2's weights are derived here, at load,
         # and its collectives traced from the layers' forwards; the pass does the rest
         entries += [Entry(**e) for e in post_grad.inner.prepare(model, recognize)]
-        post_grad.inner.prepared += [dataclasses.asdict(e) for e in fc2]
+        post_grad.inner.prepared += [dataclasses.asdict(e) for e in loaded]
     if not compiled:
         # TP ranks must rewrite the same layers the same way, or their collectives hang
         found = [name for name, m in model.named_modules() if recognize(m) is not None]
@@ -129,9 +131,9 @@ def parallelize_vllm(model: nn.Module, vllm_config: Any, *, compiled: bool) -> l
             "the eager rewrite plan (config or vLLM layers)",
             group=get_tp_group().cpu_group,
         )
-        # module TP and FlashComm2 were planned at load
+        # module TP, FlashComm2 and the series were planned at load
         eager_config = dataclasses.replace(
-            config, flashcomm2=0, **{k: 0 for k in module_tp.FAMILIES}
+            config, flashcomm2=0, shared_weights=(), **{k: 0 for k in module_tp.FAMILIES}
         )
         entries += [Entry(**e) for e in parallelize(model, eager_config, recognize=recognize)]
     if entries:

@@ -24,7 +24,6 @@ moves the exchange before the matmul::
 
 from __future__ import annotations
 
-import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from tp_passes.patterns.base import weight_bytes
 from tp_passes.patterns.flashcomm2 import flashcomm2_size_error
 from tp_passes.patterns.module_tp import selects
 from tp_passes.report import Entry, refuse_blocked
-from tp_passes.vllm.dp_op import VLLMCollectives, _planned, planned_layer_op
+from tp_passes.vllm.dp_op import VLLMCollectives, _planned, route_linear
 from tp_passes.weights import WeightSpec, derive
 
 WHY = "planned at model load: o_proj block gathered before vLLM's weight post-processing"
@@ -162,7 +161,6 @@ def plan(model: nn.Module, vllm_config: Any, config: TPConfig) -> tuple[list, li
 def install(layers: list[FlashComm2Layer]) -> list[Entry]:
     """Route each planned o_proj's forward through ``tp_passes.planned_layer`` (after vLLM
     processed its block into its kernel's format)."""
-    op = planned_layer_op()
     for f in layers:
         otp, odp, tp = f.groups
         f.collectives = tuple(
@@ -171,14 +169,7 @@ def install(layers: list[FlashComm2Layer]) -> list[Entry]:
         ) + (VLLMCollectives(tp),)
         f.details["transport"] = f.collectives[2].transport
         _planned()[f.key] = f
-
-        def forward(self: nn.Module, x: torch.Tensor, key: str = f.key) -> Any:
-            y = op(x, key)
-            if not self.return_bias:
-                return y
-            return y, (self.bias if self.skip_bias_add else None)
-
-        f.layer.forward = types.MethodType(forward, f.layer)
+        route_linear(f.layer, f.key)
     return [Entry("flashcomm2", f.path, True, WHY, f.n, f.details) for f in layers]
 
 

@@ -11,8 +11,10 @@ two hooks, each at most once per process:
    DYNAMO_TRACE_ONCE for our backend (`tp_passes.vllm.config.select_compilation_mode`).
 2. Weight loading: right before vLLM post-processes loaded weights (CPU prepacking, NZ
    on Ascend, quantized layouts), module TP across DP ranks shards the selected weights
-   (`tp_passes.vllm.module_tp.plan`) and FlashComm2 gathers each o_proj's block
-   (`tp_passes.vllm.flashcomm2.plan`), so those layouts are made from what a rank holds.
+   (`tp_passes.vllm.module_tp.plan`), FlashComm2 gathers each o_proj's block
+   (`tp_passes.vllm.flashcomm2.plan`) and a shared-weight series keeps the layers this
+   rank owns (`tp_passes.vllm.shared_weights.plan`), so those layouts are made from what
+   a rank holds.
 3. Model load: after the model runner loads the model, the planned layers are routed
    through the DP exchange, and with ``enforce_eager=True`` (nothing compiled) the graph
    rewrites are applied to vLLM's layers (`tp_passes.vllm.eager.parallelize_vllm`).
@@ -78,10 +80,11 @@ def _before_weight_processing(model: Any, *_: Any) -> None:
 
     cfg = current_vllm_config()
     if cfg is not None and uses_tp_passes(cfg):
-        from tp_passes.vllm import flashcomm2, module_tp
+        from tp_passes.vllm import flashcomm2, module_tp, shared_weights
 
         module_tp.plan_loaded_model(model, cfg)
         flashcomm2.plan_loaded_model(model, cfg)
+        shared_weights.plan_loaded_model(model, cfg)  # a series over FlashComm2's blocks
 
 
 def _after_dummy_run(runner: Any, out: Any) -> None:
