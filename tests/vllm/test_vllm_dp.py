@@ -183,6 +183,10 @@ def test_exchange_runs_on_vllms_shared_memory_collectives(runs):
             assert d["transport"].startswith("vLLM CPU shared memory"), e
             p = d["predicted_per_step"]
             assert p["transport"] == "shm" and p["tokens"] == 4, p
+            # chosen by the cost model over torch's functional collectives on gloo
+            by = d["exchange_us_by_transport"]
+            assert by.keys() == {d["transport"], "torch functional collectives"}, by
+            assert by[d["transport"]] == p["exchange_us"] < by["torch functional collectives"]
             assert p["exchange_us"] > 0, p
             if e["rewrite"] == "embedding_tp":  # a lookup reads its rows, sharded or not
                 assert p["weight_read_saved_us"] == 0 and not p["pays"], p

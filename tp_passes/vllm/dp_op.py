@@ -229,19 +229,8 @@ def install(modules: list[DPModule], decode_batch: int) -> list[Entry]:
     why = "planned at model load: weight sharded before vLLM's weight post-processing"
     for m in modules:
         _planned()[m.key] = m
-        coord = m.group.coordinator
-        m.collectives = VLLMCollectives(coord) if coord else comm.Collectives(m.group.group_name)
+        m.collectives = _choose_transport(m, decode_batch)
         m.details["transport"] = m.collectives.transport
-        shm = "shared memory" in m.collectives.transport
-        link = cost.LINKS.get("shm" if shm else torch.distributed.get_backend(m.group.pg))
-        if link is not None:
-            d = m.details
-            m.details["predicted_per_step"] = {"tokens": decode_batch} | cost.module_tp_us(
-                m.rewrite.ops,
-                d["wire_bytes_per_token"] * decode_batch,
-                m.rewrite.read_saved(d["weight_bytes_before"], d["weight_bytes_after"]),
-                link,
-            )
         if m.kind == "mlp_tp":
             m.local = _mlp_local(m.layer)
             _route_forward(m.layer, op, m.key)
@@ -263,6 +252,36 @@ def install(modules: list[DPModule], decode_batch: int) -> list[Entry]:
 
             _route(m.layer, "apply", apply)
     return [Entry(m.kind, m.path, True, why, m.group.size, m.details) for m in modules]
+
+
+def _choose_transport(m: DPModule, decode_batch: int) -> comm.Collectives:
+    """The exchange's collectives: the cheaper at the decode batch by the cost model of
+    vLLM's coordinator for the group (its shared-memory communicator on CPU, its device
+    communicator elsewhere) and torch's functional collectives on the group's backend;
+    vLLM's on a tie (its graphs capture its own ops). The figures go to the report."""
+    backend = torch.distributed.get_backend(m.group.pg)
+    options: dict[comm.Collectives, str] = {}
+    if m.group.coordinator is not None:
+        v = VLLMCollectives(m.group.coordinator)
+        options[v] = "shm" if "shared memory" in v.transport else backend
+    options[comm.Collectives(m.group.group_name)] = backend
+    d = m.details
+    priced = {
+        c: cost.module_tp_us(
+            m.rewrite.ops,
+            d["wire_bytes_per_token"] * decode_batch,
+            m.rewrite.read_saved(d["weight_bytes_before"], d["weight_bytes_after"]),
+            cost.LINKS[link],
+        )
+        for c, link in options.items()
+        if link in cost.LINKS
+    }
+    if not priced:  # no figures for this transport: vLLM's, unpriced
+        return next(iter(options))
+    chosen = min(priced, key=lambda c: priced[c]["exchange_us"])  # first (vLLM's) on a tie
+    d["predicted_per_step"] = {"tokens": decode_batch} | priced[chosen]
+    d["exchange_us_by_transport"] = {c.transport: p["exchange_us"] for c, p in priced.items()}
+    return chosen
 
 
 def _route(layer: nn.Module, method: str, fn: Callable) -> None:
