@@ -43,11 +43,15 @@ def vllm_cpu_has_shm_all_reduce() -> bool:
     return hasattr(torch.ops._C, "init_shm_manager")
 
 
-def save_tiny_llama(path, *, layers: int = 2, tied: bool = False, bias: bool = False):
+def save_tiny_llama(
+    path, *, layers: int = 2, tied: bool = False, bias: bool = False, w8a8: bool = False
+):
     """A tiny random Llama for vLLM runs, saved with transformers (no download): hidden 128
     (head_dim 32, the CPU attention kernels' smallest), vocab 512. A tied model at the
     default init just repeats its last token; it gets initializer_range 0.1. `bias`: q, k,
-    v and o_proj with biases (Llama's attention_bias; random, not transformers' zeros)."""
+    v and o_proj with biases (Llama's attention_bias; random, not transformers' zeros).
+    `w8a8`: the decoder layers' linears quantized to int8 as a compressed-tensors
+    checkpoint (per-channel weight scales, dynamic per-token int8 activations)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,7 +74,33 @@ def save_tiny_llama(path, *, layers: int = 2, tied: bool = False, bias: bool = F
             for name, p in model.named_parameters():
                 if name.endswith("_proj.bias"):
                     p.normal_(0, 0.05)
-    model.save_pretrained(path)
+    if not w8a8:
+        model.save_pretrained(path)
+        return path
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for key in [k for k in state if ".layers." in k and k.endswith("_proj.weight")]:
+        w = state[key].float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        state[key] = (w / scale).round().clamp(-127, 127).to(torch.int8)
+        state[key.replace(".weight", ".weight_scale")] = scale
+    args = {"num_bits": 8, "type": "int", "symmetric": True}
+    cfg.quantization_config = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**args, "strategy": "channel", "dynamic": False},
+                "input_activations": {**args, "strategy": "token", "dynamic": True},
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+    cfg.save_pretrained(path)
+    save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
     return path
 
 

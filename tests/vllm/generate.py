@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--additional", default=None)
     ap.add_argument("--data-parallel", action="store_true", help="DP 2 under torchrun")
     ap.add_argument("--tp", type=int, default=None, help="tensor_parallel_size")
+    ap.add_argument("--dtype", default="float32", help="bfloat16 for int8 W8A8 models")
     args = ap.parse_args()
     dp = args.data_parallel
     tp = args.tp or (1 if dp else 2)
@@ -63,7 +64,7 @@ def main() -> None:
         args.model,
         tensor_parallel_size=tp,
         skip_tokenizer_init=True,
-        dtype="float32",
+        dtype=args.dtype,
         enforce_eager=args.eager,
         max_model_len=128,
         max_num_seqs=4,

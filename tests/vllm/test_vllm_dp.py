@@ -36,6 +36,7 @@ ASCEND_KEYS = {
 }
 ALL_FOUR = {"tp_passes": {"lmhead_tp": 2, "embedding_tp": 2, "oproj_tp": 2, "mlp_tp": 2}}
 # 2 layers: prefetch_step 0 (1 window); 1 owned + 1 window saves nothing: applied by request
+W8A8 = {"tp_passes": {"oproj_tp": 2, "mlp_tp": 2}}
 SERIES = {
     "tp_passes": {"shared_weights": ["o_proj"], "prefetch_step": 0, "shared_weights_apply": True}
 }
@@ -71,6 +72,8 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_dp")
     untied = save_tiny_llama(tmp / "llama", layers=LAYERS)
     tied = save_tiny_llama(tmp / "llama_tied", layers=LAYERS, tied=True)
+    int8 = save_tiny_llama(tmp / "llama_w8a8", layers=LAYERS, w8a8=True)
+    bf16 = ("--dtype", "bfloat16")  # vLLM's CPU int8 kernels take bf16 activations
     tp = ("--backend", "tp_passes", "--additional")
     runs = {
         "default": (untied,),
@@ -79,6 +82,9 @@ def runs(tmp_path_factory) -> dict:
         "tied_default": (tied,),
         "tied_tp_passes": (tied, *tp, json.dumps(ALL_FOUR)),
         # DP 2 x TP 2: four ranks, module TP groups across DP at each TP index
+        # int8 W8A8 (compressed-tensors) o_proj and MLP sharded with their scales
+        "w8a8_default": (int8, *bf16),
+        "w8a8_tp_passes": (int8, *bf16, *tp, json.dumps(W8A8)),
         # a plain o_proj series over the two DP ranks, weights equal across them
         "series": (untied, *tp, json.dumps(SERIES)),
         "dptp_default": (untied, "--tp", "2"),
@@ -89,7 +95,7 @@ def runs(tmp_path_factory) -> dict:
         for name, (model, *flags) in runs.items()
     }
     # runs whose groups share a name and ranks (module TP groups, vLLM's TP groups) apart
-    sharded = {"tp_passes", "tp_passes_eager", "tied_tp_passes", "series"}
+    sharded = {"tp_passes", "tp_passes_eager", "tied_tp_passes", "series", "w8a8_tp_passes"}
     done = run_commands(commands, width=2, apart=(sharded, {"dptp_default", "dptp_tp_passes"}))
     return {name: _result(tmp, name, *done[name]) for name in commands}
 
@@ -104,6 +110,7 @@ SHARDED = ["tp_passes", "tp_passes_eager", "tied_tp_passes"]
         ("tp_passes_eager", "default"),
         ("tied_tp_passes", "tied_default"),
         ("series", "default"),
+        ("w8a8_tp_passes", "w8a8_default"),
     ],
 )
 def test_each_ranks_tokens_equal_the_run_without_tp_passes(runs, mode, baseline):
@@ -111,7 +118,7 @@ def test_each_ranks_tokens_equal_the_run_without_tp_passes(runs, mode, baseline)
         tokens = runs[mode]["ranks"][r]["tokens"]
         assert [len(t) for t in tokens] == ([2] if r == 0 else [16, 16, 16]), tokens
         assert tokens == runs[baseline]["ranks"][r]["tokens"], (r, mode)
-    if mode.startswith("tied"):  # not a model that only repeats its prompt
+    if mode.startswith(("tied", "w8a8")):  # not a model that only repeats its prompt
         assert len({t for seq in runs[mode]["ranks"][1]["tokens"] for t in seq}) > 10
 
 
@@ -239,3 +246,23 @@ def test_series_across_dp_ranks_keeps_owned_layers_and_the_windows(runs):
         assert series["applied"] and d["group"] == [0, 1] and d["owned_layers"] == [r], series
         assert d["windows"] == 1 and d["broadcast_bytes_per_step"] == layer, d
         assert (d["weight_bytes_before"], d["weight_bytes_after"]) == (2 * layer, 2 * layer), d
+
+
+def test_int8_w8a8_layers_are_sharded_with_their_scales(runs):
+    """A compressed-tensors int8 W8A8 model (per-channel weight scales, dynamic per-token
+    activations): o_proj and the MLP are sharded before vLLM builds its int8 kernels, the
+    per-channel scales with their rows (tokens equal: see above); int8 bytes halved."""
+    for r in (0, 1):
+        entries = [e for rep in runs["w8a8_tp_passes"]["reports"][r] for e in rep["entries"]]
+        by = {(e["rewrite"], e["module"]): e for e in entries if e["rewrite"].endswith("_tp")}
+        assert sorted(by) == sorted(
+            [("oproj_tp", f"model.layers.{i}.self_attn.o_proj") for i in range(LAYERS)]
+            + [("mlp_tp", f"model.layers.{i}.mlp") for i in range(LAYERS)]
+        ), sorted(by)
+        for (kind, _), e in by.items():
+            d = e["details"]
+            full = 128 * 128 if kind == "oproj_tp" else 3 * 128 * 256  # int8: 1 byte each
+            assert e["applied"] and (d["weight_bytes_before"], d["weight_bytes_after"]) == (
+                full,
+                full // 2,
+            ), e

@@ -83,9 +83,6 @@ def runs(tiny_llama, tmp_path_factory) -> dict:
         ),
         # o_shared: the full-width o_proj of FlashComm2 kept on one TP rank per layer
         "o_shared": _command(tiny_llama, tmp, "o_shared", *tp, "--additional", O_SHARED),
-        "o_shared_eager": _command(
-            tiny_llama, tmp, "o_shared_eager", *tp, "--eager", "--additional", O_SHARED
-        ),
     }
     done = run_commands(commands)
     return {name: _result(tmp, name, *done[name]) for name in commands}
@@ -116,7 +113,6 @@ def _applied_per_layer(entries: list[dict]) -> dict[int, list[str]]:
         ("configured", "default"),
         ("configured_eager", "default"),
         ("o_shared", "default"),
-        ("o_shared_eager", "default"),
     ],
 )
 def test_tokens_equal_default_backend(runs, mode, baseline):
@@ -206,7 +202,7 @@ def test_config_reaches_workers_and_flashcomm2_applied_at_every_o_proj(runs, mod
             assert d["wire_bytes_per_token"] == 4 * (64 / 2 + 128 / 2), d
 
 
-@pytest.mark.parametrize("mode", ["o_shared", "o_shared_eager"])
+@pytest.mark.parametrize("mode", ["o_shared"])
 def test_o_shared_keeps_owned_layers_and_the_windows(runs, mode):
     """FlashComm2 + the o_proj series over the TP group: each rank reports its FlashComm2
     blocks (full width) and a series whose bytes are its owned layers (layer i on TP rank

@@ -111,14 +111,27 @@ def _why_not(kind: str, m: nn.Module) -> str:
     names = mlp_names(m) if kind == "mlp_tp" else ()
     for layer in [getattr(m, n) for n in names] if names else [m]:
         qm = getattr(layer, "quant_method", None)
-        if not isinstance(qm, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)):
-            return f"weight is quantized ({type(qm).__name__}): sharding it is not implemented"
+        plain = isinstance(qm, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod))
+        if not plain and not (kind in ("oproj_tp", "mlp_tp") and _int8_scales(layer) is not None):
+            what = type(getattr(layer, "scheme", None) or qm).__name__
+            return f"weight is quantized ({what}): only int8 W8A8 shards are implemented"
     if names and (len(names) != 2 or not hasattr(m, "act_fn")):
         return f"MLP layers {names} are not vLLM's merged gate_up_proj + act_fn + down_proj"
     biased = any(getattr(getattr(m, n), "bias", None) is not None for n in names) or (
         kind == "lmhead_tp" and getattr(m, "bias", None) is not None
     )
     return FAMILIES[kind].refuses(biased)
+
+
+def _int8_scales(layer: nn.Module) -> list[str] | None:
+    """For a compressed-tensors int8 W8A8 layer (int8 weight, per-channel or per-tensor
+    weight scales, any activation scheme), the scales sharded with the weight's output
+    rows: the per-channel scale; a per-tensor scale per logical width stays whole. None
+    for any other layer."""
+    if type(getattr(layer, "scheme", None)).__name__ != "CompressedTensorsW8A8Int8":
+        return None
+    scale = layer.weight_scale
+    return ["weight_scale"] if scale.dim() == 2 and scale.shape[0] == layer.weight.shape[0] else []
 
 
 def plan(model: nn.Module, vllm_config: Any, config: TPConfig) -> DPPlan:
@@ -174,14 +187,21 @@ def plan(model: nn.Module, vllm_config: Any, config: TPConfig) -> DPPlan:
         ws = [layer.weight for layer in layers]
         if id(ws[0]) not in full:  # a tied weight is sharded once, for both layers
             full[id(ws[0])] = ([w.shape for w in ws], weight_bytes(ws))
-            for w, (how, dim) in zip(ws, rewrite.shard_specs(len(ws))):
-                # the same Parameter object (vLLM's loader attributes and any tied user
-                # stay); the full storage is freed
-                w.data = derive(w.data, WeightSpec(how, dim, group.pg))
+            for layer, (how, dim) in zip(layers, rewrite.shard_specs(len(ws))):
+                # the same Parameter objects (vLLM's loader attributes and any tied user
+                # stay); the full storage is freed. Per-channel int8 scales follow the rows.
+                spec = WeightSpec(how, dim, group.pg)
+                scales = _int8_scales(layer)
+                for name in ["weight", *(scales or [])]:
+                    p = getattr(layer, name)
+                    p.data = derive(p.data, spec)
+                if scales is not None:  # vLLM's int8 kernels read the fused widths
+                    parts = len(layer.logical_widths)
+                    layer.logical_widths = [layer.weight.shape[0] // parts] * parts
         shapes, before = full[id(ws[0])]
         (_, cols), (width, inner) = shapes[0], shapes[-1]  # o_proj, lm_head, MLP: rows out
         width = cols if kind == "embedding_tp" else width  # the embedding: rows of width cols
-        item = ws[0].element_size()
+        item = vllm_config.model_config.dtype.itemsize  # activations (an int8 weight's too)
         details = {
             "group_ranks": list(group.ranks),
             "weight_bytes_before": before,
