@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tp_passes import weights
 from tp_passes.config import TPConfig
 from tp_passes.groups.layout import SeriesSchedule
 from tp_passes.groups.registry import shared_weight_group, shared_weight_partition
@@ -49,7 +50,6 @@ from tp_passes.patterns.shared_weights import (
     unequal_weights,
 )
 from tp_passes.report import Entry, refuse_blocked
-from tp_passes import weights
 from tp_passes.vllm.dp_op import _planned, route_linear
 
 
