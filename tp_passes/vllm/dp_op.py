@@ -175,14 +175,14 @@ def _step_counts() -> dict[Any, Any]:
 
 def _planned() -> dict[str, Any]:
     """Layer key -> planned layer of the models this process loaded (filled by `install`
-    and `tp_passes.vllm.flashcomm2.install`), held by the package's owner."""
+    here, in `tp_passes.vllm.flashcomm2` and in `.shared_weights`), held by the owner."""
     return owner().integrations.setdefault("vllm.module_tp", {})
 
 
 def planned_layer_op() -> Any:
     """``torch.ops.tp_passes.planned_layer(x, key)``, registered on first use: runs the
-    layer planned at load under `key` (a `DPModule`, a `FlashComm2Layer`). Opaque to Dynamo
-    and Inductor (module TP pads by a row count known only at run time; both run vLLM's
+    layer planned at load under `key` (a `DPModule`, `FlashComm2Layer` or `SeriesLayer`).
+    Opaque to Dynamo and Inductor (module TP pads by a row count known only at run time; both run vLLM's
     own kernels and collectives)."""
     if hasattr(torch.ops.tp_passes, "planned_layer"):
         return torch.ops.tp_passes.planned_layer.default

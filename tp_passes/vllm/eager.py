@@ -9,8 +9,9 @@ calling its forward with `reduce_results` off, and do the reduce ourselves throu
     after:   y = all_gather(reduce_scatter(o_proj_without_reduce(x)))
 
 Recognized: `RowParallelLinear` (o_proj, down_proj, ...) and `VocabParallelEmbedding`
-(not `ParallelLMHead`, whose logits are gathered, not reduced). FlashComm2 and module TP
-are planned when the weights are loaded (`tp_passes.vllm.flashcomm2`, `.module_tp`).
+(not `ParallelLMHead`, whose logits are gathered, not reduced). Module TP, FlashComm2 and
+the shared-weight series are planned when the weights are loaded (`tp_passes.vllm.module_tp`,
+`.flashcomm2`, `.shared_weights`).
 """
 
 from __future__ import annotations
