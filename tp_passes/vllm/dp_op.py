@@ -182,8 +182,8 @@ def _planned() -> dict[str, Any]:
 def planned_layer_op() -> Any:
     """``torch.ops.tp_passes.planned_layer(x, key)``, registered on first use: runs the
     layer planned at load under `key` (a `DPModule`, `FlashComm2Layer` or `SeriesLayer`).
-    Opaque to Dynamo and Inductor (module TP pads by a row count known only at run time; both run vLLM's
-    own kernels and collectives)."""
+    Opaque to Dynamo and Inductor: module TP pads by a row count known only at run time,
+    the series issues broadcasts ahead, and all run vLLM's own kernels and collectives."""
     if hasattr(torch.ops.tp_passes, "planned_layer"):
         return torch.ops.tp_passes.planned_layer.default
 
